@@ -1,0 +1,287 @@
+//! Command line of the `downloader` binary: one subcommand per component.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use downloader::config::{Config, StoreKind};
+use downloader::thumbnail::Thumbnailer;
+use downloader::web::Info;
+
+#[derive(Parser)]
+#[command(
+    name = "downloader",
+    version = downloader::VERSION,
+    about = "Rate-limited downloads, thumbnails and callbacks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API.
+    #[command(alias = "api")]
+    Web {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        #[arg(short = 'c', long = "config", default_value = "config.json")]
+        config: PathBuf,
+    },
+    /// Download queued jobs.
+    Processor {
+        #[arg(short = 'c', long = "config", default_value = "config.json")]
+        config: PathBuf,
+    },
+    /// Deliver callbacks and delete expired files.
+    Notifier {
+        #[arg(short = 'c', long = "config", default_value = "config.json")]
+        config: PathBuf,
+    },
+    /// Run web, processor and notifier in one process (embedded store by default).
+    Serve {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Without one: embedded store and files under ./data.
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+    },
+    /// Make thumbnails of image files.
+    Thumbnail(downloader::thumbnail::cli::Args),
+    /// Print the version.
+    Version,
+}
+
+/// Prints to stderr, ignoring a closed stderr (eprintln! would panic).
+fn say(msg: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        say(format_args!("downloader: config error: {e}"));
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Thumbnail(args) = cli.command {
+        return downloader::thumbnail::cli::run(args);
+    }
+    if let Command::Version = cli.command {
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), "downloader {}", downloader::VERSION);
+        return ExitCode::SUCCESS;
+    }
+    let config_path = config_path_of(&cli.command);
+    let cfg = match &config_path {
+        Some(p) => match load(p) {
+            Ok(c) => Some(c),
+            Err(code) => return code,
+        },
+        None => None,
+    };
+    let separate = !matches!(cli.command, Command::Serve { .. });
+    if let (true, Some(cfg), Some(path)) = (separate, &cfg, &config_path)
+        && let StoreKind::Embedded(store) = cfg.store_kind()
+    {
+        say(format_args!(
+            "downloader: {}: selects the embedded store ({}), which only one process can use; \
+             separate web, processor and notifier processes need a shared store (add a `redis` \
+             section), or run all three in one process with `downloader serve`",
+            path.display(),
+            store.display()
+        ));
+        return ExitCode::from(2);
+    }
+    downloader::logging::init(&cfg.as_ref().map(|c| c.log.clone()).unwrap_or_default());
+    // Before the runtime starts its threads: this edits the environment.
+    let activated = downloader::systemd::take_listener();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            say(format_args!("downloader: cannot start the runtime: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let span = tracing::info_span!(
+        "downloader",
+        component = cli.command.name(),
+        host = %downloader::logging::hostname()
+    );
+    runtime.block_on(tracing::Instrument::instrument(
+        run(cli.command, cfg, activated),
+        span,
+    ))
+}
+
+impl Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Web { .. } => "web",
+            Command::Processor { .. } => "processor",
+            Command::Notifier { .. } => "notifier",
+            Command::Serve { .. } => "serve",
+            Command::Thumbnail(_) => "thumbnail",
+            Command::Version => "version",
+        }
+    }
+}
+
+fn config_path_of(command: &Command) -> Option<PathBuf> {
+    match command {
+        Command::Web { config, .. }
+        | Command::Processor { config }
+        | Command::Notifier { config } => Some(config.clone()),
+        Command::Serve { config, .. } => config.clone(),
+        Command::Thumbnail(_) | Command::Version => None,
+    }
+}
+
+async fn run(
+    command: Command,
+    cfg: Option<Config>,
+    activated: Option<std::net::TcpListener>,
+) -> ExitCode {
+    let result = match (command, cfg) {
+        (Command::Serve { host, port, .. }, cfg) => serve(cfg, activated, &host, port).await,
+        (Command::Web { host, port, .. }, Some(cfg)) => web(cfg, activated, &host, port).await,
+        (Command::Processor { .. }, Some(cfg)) => processor(cfg).await,
+        (Command::Notifier { .. }, Some(cfg)) => notifier(cfg).await,
+        _ => unreachable!(
+            "every component but serve has a config path; thumbnail and version return early"
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "exiting");
+            say(format_args!("downloader: {e:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The socket systemd passed (socket activation: restarts lose no connection), else
+/// a new one on `host:port`.
+async fn listen(
+    activated: Option<std::net::TcpListener>,
+    host: &str,
+    port: u16,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = match activated {
+        Some(l) => tokio::net::TcpListener::from_std(l)?,
+        None => tokio::net::TcpListener::bind((host, port))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {host}:{port}: {e}"))?,
+    };
+    tracing::info!(addr = %listener.local_addr()?, "web listening");
+    Ok(listener)
+}
+
+async fn web(
+    cfg: Config,
+    activated: Option<std::net::TcpListener>,
+    host: &str,
+    port: u16,
+) -> anyhow::Result<()> {
+    let store = downloader::connect_store(&cfg).await?;
+    let shutdown = downloader::shutdown_on_signals();
+    let listener = listen(activated, host, port).await?;
+    let state = downloader::web::AppState {
+        store,
+        heartbeat_path: cfg.api.heartbeat_path.clone(),
+        info: Arc::new(Info::new(vec!["web"], cfg.store_kind().name())),
+    };
+    let thumbnailer = Arc::new(Thumbnailer::new(cfg.thumbnail.clone()));
+    let app = downloader::web::router(state, cfg.api.max_body_bytes, None, thumbnailer);
+    let sd = downloader::systemd::ready(shutdown.clone());
+    downloader::web::serve(listener, app, shutdown).await?;
+    let _ = sd.await;
+    Ok(())
+}
+
+/// All three components in one process, sharing one store and one shutdown.
+async fn serve(
+    cfg: Option<Config>,
+    activated: Option<std::net::TcpListener>,
+    host: &str,
+    port: u16,
+) -> anyhow::Result<()> {
+    let listener = listen(activated, host, port).await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let mut cfg = cfg.unwrap_or_else(|| Config::serve_defaults(&base));
+    if cfg.download_url().is_err() {
+        cfg.processor.download_url = Some(format!("{base}/files"));
+    }
+    let store = downloader::connect_store(&cfg).await?;
+    let shutdown = downloader::shutdown_on_signals();
+    let thumbnailer = Arc::new(Thumbnailer::new(cfg.thumbnail.clone()));
+    let processor = Arc::new(downloader::processor::Processor::new(
+        &cfg,
+        store.clone(),
+        thumbnailer.clone(),
+    )?);
+    let notifier = Arc::new(downloader::notifier::Notifier::new(&cfg, store.clone())?);
+    let state = downloader::web::AppState {
+        store,
+        heartbeat_path: cfg.api.heartbeat_path.clone(),
+        info: Arc::new(Info::new(
+            vec!["web", "processor", "notifier"],
+            cfg.store_kind().name(),
+        )),
+    };
+    let root = cfg.storage_root().map_err(anyhow::Error::msg)?;
+    let app = downloader::web::router(state, cfg.api.max_body_bytes, Some(root), thumbnailer);
+    tracing::info!(download_url = %cfg.download_url().unwrap_or_default(), "serve started");
+    let sd = downloader::systemd::ready(shutdown.clone());
+    let (web, (), (), _) = tokio::join!(
+        downloader::web::serve(listener, app, shutdown.clone()),
+        processor.run(&cfg, shutdown.clone()),
+        notifier.run(&cfg, shutdown.clone()),
+        sd,
+    );
+    web?;
+    tracing::info!("serve stopped");
+    Ok(())
+}
+
+async fn processor(cfg: Config) -> anyhow::Result<()> {
+    let store = downloader::connect_store(&cfg).await?;
+    let shutdown = downloader::shutdown_on_signals();
+    let thumbnailer = Arc::new(Thumbnailer::new(cfg.thumbnail.clone()));
+    let p = Arc::new(downloader::processor::Processor::new(
+        &cfg,
+        store,
+        thumbnailer,
+    )?);
+    tracing::info!("processor started");
+    let sd = downloader::systemd::ready(shutdown.clone());
+    p.run(&cfg, shutdown).await;
+    let _ = sd.await;
+    tracing::info!("processor stopped");
+    Ok(())
+}
+
+async fn notifier(cfg: Config) -> anyhow::Result<()> {
+    let store = downloader::connect_store(&cfg).await?;
+    let shutdown = downloader::shutdown_on_signals();
+    let n = Arc::new(downloader::notifier::Notifier::new(&cfg, store)?);
+    tracing::info!("notifier started");
+    let sd = downloader::systemd::ready(shutdown.clone());
+    n.run(&cfg, shutdown).await;
+    let _ = sd.await;
+    tracing::info!("notifier stopped");
+    Ok(())
+}

@@ -1,0 +1,492 @@
+//! The JSON configuration file, compatible with skroutz/downloader's `config.json`.
+//!
+//! Every key of the reference service is accepted; keys we add have defaults, so a
+//! reference config works unchanged. Unknown keys are logged and ignored (reference
+//! configs carry backend settings we do not use, such as Kafka's).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Environment variable that shortens every retry backoff to 200 ms (reference behaviour,
+/// used by test suites).
+pub const TEST_TIME_ENV: &str = "DOWNLOADER_TEST_TIME";
+
+/// A config file that could not be used. The message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Which store: `{"type": "redis"}` or `{"type": "embedded", "path": ...}`. Without
+    /// it, a `redis` section selects Redis and no `redis` section the embedded store.
+    pub store: Option<StoreConfig>,
+    pub redis: RedisConfig,
+    pub api: ApiConfig,
+    pub processor: ProcessorConfig,
+    pub notifier: NotifierConfig,
+    pub backends: Backends,
+    pub thumbnail: crate::thumbnail::Config,
+    pub log: crate::logging::LogConfig,
+    #[serde(skip)]
+    has_redis_section: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StoreConfig {
+    Redis,
+    Embedded { path: Option<PathBuf> },
+}
+
+/// The store a config selects, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreKind {
+    Redis,
+    Embedded(PathBuf),
+}
+
+impl StoreKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            StoreKind::Redis => "redis",
+            StoreKind::Embedded(_) => "embedded",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RedisConfig {
+    pub addr: String,
+    /// Reference key: Sentinel addresses. Not supported yet; rejected when set.
+    pub sentinel: serde_json::Value,
+    pub master_name: Option<String>,
+    /// Logical database number.
+    pub db: i64,
+    pub password: Option<String>,
+    /// Every key this service writes starts with `<key_prefix>:`.
+    pub key_prefix: String,
+    /// Timeout of one Redis command, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            addr: "127.0.0.1:6379".into(),
+            sentinel: serde_json::Value::Null,
+            master_name: None,
+            db: 0,
+            password: None,
+            key_prefix: "downloader".into(),
+            timeout_ms: 5000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct ApiConfig {
+    /// While this file exists `GET /hb` answers 503 (load-balancer drain).
+    pub heartbeat_path: Option<PathBuf>,
+    /// Largest accepted `POST /download` body, in bytes.
+    pub max_body_bytes: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FileStorage {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub rootdir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ProcessorConfig {
+    pub storage_dir: Option<PathBuf>,
+    pub filestorage: Option<FileStorage>,
+    pub download_url: Option<String>,
+    pub request_headers: BTreeMap<String, String>,
+    /// Older reference configs set the User-Agent here.
+    pub user_agent: Option<String>,
+    /// Milliseconds between two stats reports.
+    pub stats_interval: u64,
+    pub allowed_networks: Vec<String>,
+    pub retry_backoff_ms: u64,
+    pub max_download_bytes: u64,
+    pub lease_secs: u64,
+    /// Transfer timeout of a job that sets no `download_timeout`, in seconds.
+    pub download_timeout: u64,
+    /// Downloads one processor runs at once, over all aggregations.
+    pub max_concurrent_downloads: usize,
+    /// Seconds that in-flight downloads get to finish after SIGTERM.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        ProcessorConfig {
+            storage_dir: None,
+            filestorage: None,
+            download_url: None,
+            request_headers: BTreeMap::new(),
+            user_agent: None,
+            stats_interval: 5000,
+            allowed_networks: Vec::new(),
+            retry_backoff_ms: 120_000,
+            max_download_bytes: 1 << 30,
+            lease_secs: 15,
+            download_timeout: 60,
+            max_concurrent_downloads: 1024,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct NotifierConfig {
+    pub download_url: Option<String>,
+    pub concurrency: usize,
+    pub stats_interval: u64,
+    /// Minutes between a job's callback and the deletion of its file and record.
+    /// Fractions are accepted (tests use them).
+    pub deletion_interval: f64,
+    pub retry_backoff_ms: u64,
+    /// Retries of a failed callback before it is marked failed.
+    pub callback_retries: u32,
+    pub lease_secs: u64,
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for NotifierConfig {
+    fn default() -> Self {
+        NotifierConfig {
+            download_url: None,
+            concurrency: 10,
+            stats_interval: 5000,
+            deletion_interval: 180.0,
+            retry_backoff_ms: 600_000,
+            callback_retries: 2,
+            lease_secs: 15,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Backends {
+    pub http: HttpBackend,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HttpBackend {
+    /// Seconds one callback may take.
+    pub timeout: u64,
+}
+
+impl Default for HttpBackend {
+    fn default() -> Self {
+        HttpBackend { timeout: 30 }
+    }
+}
+
+fn err(file: &Path, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        file: file.display().to_string(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(path, format!("cannot read config file: {e}")))?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates config text; `path` only names the source in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| err(path, format!("invalid JSON: {e}")))?;
+        let mut ignored = Vec::new();
+        let mut note = |p: serde_ignored::Path<'_>| {
+            let p = p.to_string();
+            if !p.starts_with("backends.") {
+                ignored.push(p)
+            }
+        };
+        let de = serde_ignored::Deserializer::new(&value, &mut note);
+        let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            err(path, format!("key `{key}`: {}", e.inner()))
+        })?;
+        for key in ignored {
+            tracing::warn!(file = %path.display(), key, "unknown config key ignored");
+        }
+        cfg.has_redis_section = value.get("redis").is_some();
+        cfg.validate().map_err(|m| err(path, m))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !self.redis.sentinel.is_null() || self.redis.master_name.is_some() {
+            return Err(
+                "key `redis.sentinel`: Redis Sentinel is not supported yet; set `redis.addr` to the master's address".into(),
+            );
+        }
+        if self.redis.addr.is_empty() {
+            return Err("key `redis.addr`: must not be empty".into());
+        }
+        if self.redis.key_prefix.is_empty() {
+            return Err("key `redis.key_prefix`: must not be empty".into());
+        }
+        if !(self.notifier.deletion_interval > 0.0 && self.notifier.deletion_interval < 1e8) {
+            return Err(
+                "key `notifier.deletion_interval`: must be a number of minutes greater than 0"
+                    .into(),
+            );
+        }
+        if self.notifier.concurrency == 0 {
+            return Err("key `notifier.concurrency`: must be greater than 0".into());
+        }
+        for (key, v) in [
+            ("processor.stats_interval", self.processor.stats_interval),
+            ("notifier.stats_interval", self.notifier.stats_interval),
+            ("processor.lease_secs", self.processor.lease_secs),
+            ("notifier.lease_secs", self.notifier.lease_secs),
+            (
+                "processor.download_timeout",
+                self.processor.download_timeout,
+            ),
+            (
+                "processor.max_download_bytes",
+                self.processor.max_download_bytes,
+            ),
+            ("backends.http.timeout", self.backends.http.timeout),
+        ] {
+            if v == 0 {
+                return Err(format!("key `{key}`: must be greater than 0"));
+            }
+        }
+        self.log.filter()?;
+        if self.thumbnail.threads == 0 {
+            return Err("key `thumbnail.threads`: must be greater than 0".into());
+        }
+        if self.processor.max_concurrent_downloads == 0 {
+            return Err("key `processor.max_concurrent_downloads`: must be greater than 0".into());
+        }
+        if let Some(fs) = &self.processor.filestorage {
+            if fs.kind != "filesystem" {
+                return Err(format!(
+                    "key `processor.filestorage.type`: {:?} is not supported yet (only \"filesystem\")",
+                    fs.kind
+                ));
+            }
+            if fs.rootdir.is_none() && self.processor.storage_dir.is_none() {
+                return Err("key `processor.filestorage.rootdir`: required".into());
+            }
+        }
+        self.allowed_networks()?;
+        for (key, url) in [
+            ("processor.download_url", &self.processor.download_url),
+            ("notifier.download_url", &self.notifier.download_url),
+        ] {
+            if let Some(u) = url {
+                url::Url::parse(u).map_err(|e| format!("key `{key}`: invalid URL {u:?}: {e}"))?;
+            }
+        }
+        for (name, value) in &self.processor.request_headers {
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || reqwest::header::HeaderValue::from_str(value).is_err()
+            {
+                return Err(format!(
+                    "key `processor.request_headers.{name}`: not a valid HTTP header"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The networks downloads may reach beyond the public internet.
+    pub fn allowed_networks(&self) -> Result<Vec<IpNet>, String> {
+        self.processor
+            .allowed_networks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        format!(
+                            "key `processor.allowed_networks[{i}]`: {s:?} is not a CIDR network"
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    /// The store this config selects. The embedded store's file defaults to
+    /// `store.redb` beside the storage directory.
+    pub fn store_kind(&self) -> StoreKind {
+        match &self.store {
+            Some(StoreConfig::Redis) => StoreKind::Redis,
+            None if self.has_redis_section => StoreKind::Redis,
+            Some(StoreConfig::Embedded { path: Some(p) }) => StoreKind::Embedded(p.clone()),
+            Some(StoreConfig::Embedded { path: None }) | None => {
+                let root = self
+                    .storage_root()
+                    .unwrap_or_else(|_| PathBuf::from("data/files"));
+                let dir = root.parent().map(Path::to_path_buf).unwrap_or_default();
+                StoreKind::Embedded(dir.join("store.redb"))
+            }
+        }
+    }
+
+    /// The defaults of `downloader serve` without a config file: embedded store and
+    /// files under `./data`, files served by the same server.
+    pub fn serve_defaults(base_url: &str) -> Config {
+        let mut cfg = Config::default();
+        cfg.processor.storage_dir = Some(PathBuf::from("data/files"));
+        cfg.processor.download_url = Some(format!("{base_url}/files"));
+        cfg.store = Some(StoreConfig::Embedded {
+            path: Some(PathBuf::from("data/store.redb")),
+        });
+        cfg
+    }
+
+    /// Where downloaded files are stored: `filestorage.rootdir`, else `storage_dir`.
+    pub fn storage_root(&self) -> Result<PathBuf, String> {
+        self.processor
+            .filestorage
+            .as_ref()
+            .and_then(|f| f.rootdir.clone())
+            .or_else(|| self.processor.storage_dir.clone())
+            .ok_or_else(|| {
+                "key `processor.storage_dir` (or `processor.filestorage.rootdir`): required".into()
+            })
+    }
+
+    /// Base URL that clients download stored files from.
+    pub fn download_url(&self) -> Result<String, String> {
+        self.processor
+            .download_url
+            .clone()
+            .or_else(|| self.notifier.download_url.clone())
+            .ok_or_else(|| {
+                "key `processor.download_url` (or `notifier.download_url`): required".into()
+            })
+    }
+
+    /// Default request headers for downloads. `user_agent` is the older spelling of
+    /// the `User-Agent` header; an explicit header wins.
+    pub fn default_headers(&self) -> BTreeMap<String, String> {
+        let mut h = self.processor.request_headers.clone();
+        if let Some(ua) = &self.processor.user_agent
+            && !h.keys().any(|k| k.eq_ignore_ascii_case("user-agent"))
+        {
+            h.insert("User-Agent".into(), ua.clone());
+        }
+        h
+    }
+
+    /// How long a finished job's file and record are kept.
+    pub fn deletion_delay(&self) -> Duration {
+        Duration::from_secs_f64(self.notifier.deletion_interval * 60.0)
+    }
+
+    pub fn processor_backoff(&self) -> Duration {
+        backoff(self.processor.retry_backoff_ms)
+    }
+
+    pub fn notifier_backoff(&self) -> Duration {
+        backoff(self.notifier.retry_backoff_ms)
+    }
+}
+
+fn backoff(ms: u64) -> Duration {
+    if std::env::var_os(TEST_TIME_ENV).is_some() {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_millis(ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.json"), s)
+    }
+
+    #[test]
+    fn reference_sample_config_is_accepted() {
+        let cfg = parse(
+            r#"{"redis":{"addr":"127.0.0.1:6379"},"api":{"heartbeat_path":"/tmp/disable_api"},
+            "processor":{"storage_dir":"/tmp/","request_headers":{"Accept":"*/*","User-Agent":"Downloader v1"},"stats_interval":5000},
+            "notifier":{"download_url":"http://localhost/foo","concurrency":10,"stats_interval":5000,"deletion_interval":180},
+            "backends":{"http":{"timeout":30},"kafka":{"bootstrap.servers":"localhost:9092","go.delivery.reports":true}}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.storage_root().unwrap(), PathBuf::from("/tmp/"));
+        assert_eq!(cfg.download_url().unwrap(), "http://localhost/foo");
+        assert_eq!(cfg.backends.http.timeout, 30);
+        assert_eq!(cfg.processor.lease_secs, 15);
+    }
+
+    #[test]
+    fn bad_key_is_named() {
+        let e = parse(r#"{"notifier":{"concurrency":"ten"}}"#).unwrap_err();
+        assert!(e.to_string().contains("notifier.concurrency"), "{e}");
+        assert!(e.to_string().starts_with("test.json: "), "{e}");
+        let e = parse(r#"{"notifier":{"deletion_interval":0}}"#).unwrap_err();
+        assert!(e.to_string().contains("notifier.deletion_interval"), "{e}");
+        let e = parse(r#"{"processor":{"allowed_networks":["10.0.0.0/8","nope"]}}"#).unwrap_err();
+        assert!(e.to_string().contains("allowed_networks[1]"), "{e}");
+        let e = parse(r#"{"redis":{"sentinel":["a:26379"],"master_name":"m"}}"#).unwrap_err();
+        assert!(e.to_string().contains("not supported yet"), "{e}");
+        let e = parse(r#"{"processor":{"filestorage":{"type":"s3"}}}"#).unwrap_err();
+        assert!(e.to_string().contains("filestorage.type"), "{e}");
+    }
+
+    #[test]
+    fn store_selection() {
+        let redis = parse(r#"{"redis":{"addr":"10.0.0.1:6379"}}"#).unwrap();
+        assert_eq!(redis.store_kind(), StoreKind::Redis);
+        let none = parse(r#"{"processor":{"storage_dir":"/srv/dl/files"}}"#).unwrap();
+        assert_eq!(
+            none.store_kind(),
+            StoreKind::Embedded("/srv/dl/store.redb".into())
+        );
+        let explicit =
+            parse(r#"{"redis":{},"store":{"type":"embedded","path":"/x/s.redb"}}"#).unwrap();
+        assert_eq!(
+            explicit.store_kind(),
+            StoreKind::Embedded("/x/s.redb".into())
+        );
+        let e = parse(r#"{"store":{"type":"etcd"}}"#).unwrap_err();
+        assert!(e.to_string().contains("store"), "{e}");
+    }
+
+    #[test]
+    fn filestorage_rootdir_wins_over_storage_dir() {
+        let cfg = parse(
+            r#"{"processor":{"storage_dir":"/a","filestorage":{"type":"filesystem","rootdir":"/b"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.storage_root().unwrap(), PathBuf::from("/b"));
+    }
+}

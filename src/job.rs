@@ -1,0 +1,638 @@
+//! Jobs: what a client submits, how it is validated, what the store keeps of it, and
+//! the callback payload the client receives when it ends.
+
+use std::collections::BTreeMap;
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Retries of a download when the job does not say (reference default).
+pub const DEFAULT_MAX_RETRIES: u32 = 2;
+
+/// What a client asked for. Stored as JSON in the job record; immutable after submit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobSpec {
+    pub url: String,
+    pub aggr_id: String,
+    pub aggr_limit: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggr_proxy: Option<String>,
+    /// Where the callback goes; `None` only for jobs with their own S3 bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<Callback>,
+    #[serde(default)]
+    pub extra: String,
+    #[serde(default)]
+    pub mime_type: String,
+    pub max_retries: u32,
+    #[serde(default)]
+    pub extract_image_size: bool,
+    /// Seconds the whole transfer may take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download_timeout: Option<u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub request_headers: BTreeMap<String, String>,
+    /// Thumbnail specs as submitted (validated with `thumbnail::Spec`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub thumbnails: Vec<Value>,
+}
+
+/// Thumbnails one job may ask for.
+pub const MAX_THUMBNAILS: usize = 8;
+
+impl JobSpec {
+    /// The job's thumbnail specs, parsed (they were validated at submit).
+    pub fn thumbnail_specs(&self) -> Result<Vec<crate::thumbnail::Spec>, String> {
+        self.thumbnails
+            .iter()
+            .enumerate()
+            .map(|(i, v)| crate::thumbnail::Spec::from_json_at(v, &format!("thumbnails[{i}]")))
+            .collect()
+    }
+}
+
+/// A thumbnail made for a job, as recorded and reported in the callback.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ThumbnailInfo {
+    pub name: String,
+    /// Path relative to the storage root (`<id[0:3]>/<id>.<name>.<ext>`); the
+    /// callback carries it as a URL under `download_url`.
+    #[serde(rename = "url")]
+    pub path: String,
+    pub width: u32,
+    pub height: u32,
+    pub format: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Callback {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub dst: String,
+}
+
+/// A field that failed validation; the message names the field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct ValidationError(pub String);
+
+fn invalid(msg: impl Into<String>) -> ValidationError {
+    ValidationError(msg.into())
+}
+
+fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, ValidationError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(invalid(format!("{key} must be a string"))),
+    }
+}
+
+fn http_url(key: &str, s: &str) -> Result<url::Url, ValidationError> {
+    let u = url::Url::parse(s).map_err(|e| invalid(format!("{key} is not a valid URL: {e}")))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(format!(
+            "{key} must be an absolute http or https URL, got {s:?}"
+        )));
+    }
+    Ok(u)
+}
+
+fn positive_int(key: &str, v: &Value, min: u64) -> Result<u64, ValidationError> {
+    let n = v.as_u64().filter(|n| *n >= min).or_else(|| {
+        // Accept 3.0 (JSON numbers from some clients) but not 3.5.
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= min as f64 && *f <= u32::MAX as f64)
+            .map(|f| f as u64)
+    });
+    n.ok_or_else(|| {
+        invalid(format!(
+            "{key} must be an integer >= {min}, got {}",
+            short(v)
+        ))
+    })
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 60 {
+        format!("{}...", &s[..s.floor_char_boundary(60)])
+    } else {
+        s
+    }
+}
+
+impl JobSpec {
+    /// Validates a `POST /download` body. `supports_s3` and callback types other than
+    /// `http` are refused with a message saying this server cannot serve them.
+    pub fn from_json(body: &[u8]) -> Result<JobSpec, ValidationError> {
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| invalid(format!("request body is not valid JSON: {e}")))?;
+        let Value::Object(obj) = value else {
+            return Err(invalid("request body must be a JSON object"));
+        };
+
+        let url = opt_str(&obj, "url")?.ok_or_else(|| invalid("url is required"))?;
+        http_url("url", url)?;
+
+        let aggr_id = opt_str(&obj, "aggr_id")?.ok_or_else(|| invalid("aggr_id is required"))?;
+        if aggr_id.is_empty() {
+            return Err(invalid("aggr_id cannot be empty"));
+        }
+        if aggr_id.len() > 256 {
+            return Err(invalid("aggr_id must be at most 256 bytes"));
+        }
+        let aggr_limit = match obj.get("aggr_limit") {
+            None | Some(Value::Null) => return Err(invalid("aggr_limit is required")),
+            Some(v) => positive_int("aggr_limit", v, 1)?,
+        };
+        let aggr_limit =
+            u32::try_from(aggr_limit).map_err(|_| invalid("aggr_limit is too large"))?;
+        let aggr_proxy = match opt_str(&obj, "aggr_proxy")? {
+            None | Some("") => None,
+            Some(p) => {
+                let u = url::Url::parse(p)
+                    .map_err(|e| invalid(format!("aggr_proxy is not a valid URL: {e}")))?;
+                if !matches!(u.scheme(), "http" | "https" | "socks5" | "socks5h") {
+                    return Err(invalid(
+                        "aggr_proxy must be an http, https, socks5 or socks5h URL",
+                    ));
+                }
+                Some(p.to_string())
+            }
+        };
+
+        let s3_bucket = opt_str(&obj, "s3_bucket")?.unwrap_or("");
+        let s3_region = opt_str(&obj, "s3_region")?.unwrap_or("");
+        match (s3_bucket.is_empty(), s3_region.is_empty()) {
+            (true, false) => return Err(invalid("s3_region provided without an s3_bucket")),
+            (false, true) => return Err(invalid("s3_bucket provided without an s3_region")),
+            (false, false) => {
+                return Err(invalid(
+                    "s3_bucket: S3 storage is not supported by this server yet",
+                ));
+            }
+            (true, true) => {}
+        }
+
+        let callback = match opt_str(&obj, "callback_url")? {
+            Some(cb) if !cb.is_empty() => {
+                http_url("callback_url", cb)?;
+                Callback {
+                    kind: "http".into(),
+                    dst: cb.to_string(),
+                }
+            }
+            _ => {
+                let kind = opt_str(&obj, "callback_type")?.unwrap_or("");
+                let dst = opt_str(&obj, "callback_dst")?.unwrap_or("");
+                if kind.is_empty() || dst.is_empty() {
+                    return Err(invalid(format!(
+                        "callback_url, or both callback_type ({kind:?}) and callback_dst ({dst:?}), are required"
+                    )));
+                }
+                if kind != "http" {
+                    return Err(invalid(format!(
+                        "callback_type {kind:?} is not supported by this server (only \"http\")"
+                    )));
+                }
+                http_url("callback_dst", dst)?;
+                Callback {
+                    kind: kind.into(),
+                    dst: dst.into(),
+                }
+            }
+        };
+
+        let extra = match obj.get("extra") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(invalid("extra must be a string")),
+        };
+
+        let mime_type = opt_str(&obj, "mime_type")?.unwrap_or("").to_string();
+        MimePattern::parse(&mime_type)?;
+
+        let max_retries = match obj.get("max_retries") {
+            None | Some(Value::Null) => DEFAULT_MAX_RETRIES,
+            Some(v) => u32::try_from(positive_int("max_retries", v, 0)?)
+                .map_err(|_| invalid("max_retries is too large"))?,
+        };
+        if max_retries > 100 {
+            return Err(invalid("max_retries must be at most 100"));
+        }
+
+        let extract_image_size = match obj.get("extract_image_size") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(invalid("extract_image_size must be a boolean")),
+        };
+
+        let download_timeout = match obj.get("download_timeout") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(positive_int("download_timeout", v, 1)?),
+        };
+
+        let mut request_headers = BTreeMap::new();
+        match obj.get("request_headers") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(h)) => {
+                for (k, v) in h {
+                    let v = match v {
+                        Value::String(s) => s.clone(),
+                        Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+                        _ => {
+                            return Err(invalid(format!(
+                                "request_headers.{k} must be a string or an integer"
+                            )));
+                        }
+                    };
+                    if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                        return Err(invalid(format!(
+                            "request_headers: {k:?} is not a valid header name"
+                        )));
+                    }
+                    if reqwest::header::HeaderValue::from_str(&v).is_err() {
+                        return Err(invalid(format!(
+                            "request_headers.{k}: not a valid header value"
+                        )));
+                    }
+                    request_headers.insert(k.clone(), v);
+                }
+            }
+            Some(_) => return Err(invalid("request_headers must be an object")),
+        }
+
+        let thumbnails = match obj.get("thumbnails") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(list)) => {
+                if list.len() > MAX_THUMBNAILS {
+                    return Err(invalid(format!(
+                        "thumbnails: at most {MAX_THUMBNAILS} specs, got {}",
+                        list.len()
+                    )));
+                }
+                let mut names = std::collections::HashSet::new();
+                for (i, v) in list.iter().enumerate() {
+                    let spec = crate::thumbnail::Spec::from_json_at(v, &format!("thumbnails[{i}]"))
+                        .map_err(invalid)?;
+                    if !names.insert(spec.name.clone()) {
+                        return Err(invalid(format!(
+                            "thumbnails[{i}].name {:?} is used twice",
+                            spec.name
+                        )));
+                    }
+                }
+                list.clone()
+            }
+            Some(_) => return Err(invalid("thumbnails must be an array of thumbnail specs")),
+        };
+
+        Ok(JobSpec {
+            url: url.to_string(),
+            aggr_id: aggr_id.to_string(),
+            aggr_limit,
+            aggr_proxy,
+            callback: Some(callback),
+            extra,
+            mime_type,
+            max_retries,
+            extract_image_size,
+            download_timeout,
+            request_headers,
+            thumbnails,
+        })
+    }
+}
+
+/// A new URL-safe random job id: 16 random bytes, base64url without padding (22 chars).
+pub fn new_id() -> String {
+    use base64::Engine;
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// Whether `id` could be one of ours; guards file paths built from ids.
+pub fn is_valid_id(id: &str) -> bool {
+    id.len() >= 3
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Path of a job's file relative to the storage root: `<id[0:3]>/<id>`.
+pub fn relative_path(id: &str) -> String {
+    format!("{}/{}", &id[..3], id)
+}
+
+/// The job's `mime_type`: comma-separated glob patterns, `!` negates; all must hold.
+#[derive(Debug, Clone)]
+pub struct MimePattern {
+    checks: Vec<(glob::Pattern, bool)>,
+}
+
+impl MimePattern {
+    pub fn parse(s: &str) -> Result<MimePattern, ValidationError> {
+        let mut checks = Vec::new();
+        for part in s.split(',') {
+            let part = part.trim();
+            if part.is_empty() {
+                continue;
+            }
+            let (pat, negate) = match part.strip_prefix('!') {
+                Some(p) => (p.trim(), true),
+                None => (part, false),
+            };
+            let p = glob::Pattern::new(pat)
+                .map_err(|e| invalid(format!("mime_type: invalid pattern {part:?}: {e}")))?;
+            checks.push((p, negate));
+        }
+        Ok(MimePattern { checks })
+    }
+
+    /// `Err` names the first failing check and the type found.
+    pub fn check(&self, mime: &str) -> Result<(), String> {
+        for (pat, negate) in &self.checks {
+            if pat.matches(mime) == *negate {
+                return Err(if *negate {
+                    format!(
+                        "Expected mime-type not to be ({}), found ({mime})",
+                        pat.as_str()
+                    )
+                } else {
+                    format!(
+                        "Expected mime-type to be ({}), found ({mime})",
+                        pat.as_str()
+                    )
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The MIME type of a file from its first bytes.
+pub fn sniff_mime(head: &[u8]) -> String {
+    if head.is_empty() {
+        return "application/x-empty".into();
+    }
+    if let Some(t) = infer::get(head) {
+        return t.mime_type().to_string();
+    }
+    if looks_like_text(head) {
+        "text/plain".into()
+    } else {
+        "application/octet-stream".into()
+    }
+}
+
+fn looks_like_text(head: &[u8]) -> bool {
+    // A UTF-8 sequence may be cut at the end of the sniffed window.
+    let valid = match std::str::from_utf8(head) {
+        Ok(_) => true,
+        Err(e) => e.error_len().is_none(),
+    };
+    valid
+        && head
+            .iter()
+            .all(|&b| b >= 0x20 || matches!(b, b'\n' | b'\r' | b'\t' | 0x0c | 0x1b))
+}
+
+/// State of a download or a callback, with the reference's names.
+pub mod state {
+    pub const PENDING: &str = "Pending";
+    pub const IN_PROGRESS: &str = "InProgress";
+    pub const SUCCESS: &str = "Success";
+    pub const FAILED: &str = "Failed";
+}
+
+/// A job as the store keeps it: the spec plus its mutable state.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRecord {
+    pub id: String,
+    #[serde(flatten)]
+    pub spec: JobSpec,
+    pub download_state: String,
+    pub download_attempts: u32,
+    pub download_error: String,
+    pub response_code: u16,
+    pub image_size: String,
+    pub callback_state: String,
+    pub callback_attempts: u32,
+    pub callback_error: String,
+    /// Milliseconds since the Unix epoch; 0 when it has not happened.
+    pub created_at: u64,
+    pub started_at: u64,
+    pub finished_at: u64,
+    pub callback_at: u64,
+    pub next_attempt_at: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub thumbnails_made: Vec<ThumbnailInfo>,
+}
+
+impl JobRecord {
+    /// Builds a record from the store's field map (as written by the store scripts).
+    pub fn from_fields(id: &str, f: &BTreeMap<String, String>) -> Result<JobRecord, String> {
+        let spec: JobSpec = serde_json::from_str(f.get("spec").ok_or("job has no spec")?)
+            .map_err(|e| format!("job {id}: corrupt spec: {e}"))?;
+        let s = |k: &str| f.get(k).cloned().unwrap_or_default();
+        let n = |k: &str| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        Ok(JobRecord {
+            id: id.to_string(),
+            spec,
+            download_state: s("dl_state"),
+            download_attempts: n("dl_attempts") as u32,
+            download_error: s("dl_error"),
+            response_code: n("response_code") as u16,
+            image_size: s("image_size"),
+            callback_state: s("cb_state"),
+            callback_attempts: n("cb_attempts") as u32,
+            callback_error: s("cb_error"),
+            created_at: n("created_at"),
+            started_at: n("started_at"),
+            finished_at: n("finished_at"),
+            callback_at: n("cb_at"),
+            next_attempt_at: n("next_at"),
+            thumbnails_made: match f.get("thumbs").map(String::as_str) {
+                None | Some("") => Vec::new(),
+                Some(j) => serde_json::from_str(j)
+                    .map_err(|e| format!("job {id}: corrupt thumbnails: {e}"))?,
+            },
+        })
+    }
+
+    /// The JSON body POSTed to the client's callback.
+    pub fn callback_payload(&self, download_base: &str) -> CallbackPayload {
+        let success = self.download_state == state::SUCCESS;
+        CallbackPayload {
+            success,
+            error: self.download_error.clone(),
+            extra: self.spec.extra.clone(),
+            resource_url: self.spec.url.clone(),
+            download_url: if success {
+                download_url(download_base, &self.id)
+            } else {
+                String::new()
+            },
+            job_id: self.id.clone(),
+            response_code: self.response_code,
+            delivered: true,
+            delivery_error: String::new(),
+            image_size: self.image_size.clone(),
+            // Only jobs that asked for thumbnails get the field: the reference's
+            // payload stays identical for everyone else.
+            thumbnails: (!self.spec.thumbnails.is_empty()).then(|| {
+                self.thumbnails_made
+                    .iter()
+                    .map(|t| ThumbnailInfo {
+                        path: format!("{}/{}", download_base.trim_end_matches('/'), t.path),
+                        ..t.clone()
+                    })
+                    .collect()
+            }),
+        }
+    }
+}
+
+/// `<base>/<id[0:3]>/<id>`.
+pub fn download_url(base: &str, id: &str) -> String {
+    format!("{}/{}", base.trim_end_matches('/'), relative_path(id))
+}
+
+/// The reference's callback body, field for field.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CallbackPayload {
+    pub success: bool,
+    pub error: String,
+    pub extra: String,
+    pub resource_url: String,
+    pub download_url: String,
+    pub job_id: String,
+    pub response_code: u16,
+    pub delivered: bool,
+    pub delivery_error: String,
+    pub image_size: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thumbnails: Option<Vec<ThumbnailInfo>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(body: &str) -> Result<JobSpec, ValidationError> {
+        JobSpec::from_json(body.as_bytes())
+    }
+
+    const OK: &str = r#"{"aggr_id":"a","aggr_limit":2,"url":"http://x.test/f","callback_url":"http://cb.test/"}"#;
+
+    #[test]
+    fn minimal_job_is_valid_with_defaults() {
+        let s = spec(OK).unwrap();
+        assert_eq!(s.max_retries, DEFAULT_MAX_RETRIES);
+        assert_eq!(s.callback.unwrap().dst, "http://cb.test/");
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases = [
+            (
+                r#"{"aggr_limit":2,"url":"http://x/","callback_url":"http://c/"}"#,
+                "aggr_id",
+            ),
+            (
+                r#"{"aggr_id":"","aggr_limit":2,"url":"http://x/","callback_url":"http://c/"}"#,
+                "aggr_id",
+            ),
+            (
+                r#"{"aggr_id":"a","aggr_limit":0,"url":"http://x/","callback_url":"http://c/"}"#,
+                "aggr_limit",
+            ),
+            (
+                r#"{"aggr_id":"a","aggr_limit":2,"url":"ftp://x/","callback_url":"http://c/"}"#,
+                "url",
+            ),
+            (
+                r#"{"aggr_id":"a","aggr_limit":2,"url":"http://x/"}"#,
+                "callback_url",
+            ),
+            (
+                r#"{"aggr_id":"a","aggr_limit":2,"url":"http://x/","callback_type":"kafka","callback_dst":"t"}"#,
+                "callback_type",
+            ),
+            (
+                r#"{"aggr_id":"a","aggr_limit":2,"url":"http://x/","callback_url":"http://c/","mime_type":"image/["}"#,
+                "mime_type",
+            ),
+            (
+                r#"{"aggr_id":"a","aggr_limit":2,"url":"http://x/","callback_url":"http://c/","max_retries":-1}"#,
+                "max_retries",
+            ),
+            (
+                r#"{"aggr_id":"a","aggr_limit":2,"url":"http://x/","callback_url":"http://c/","download_timeout":0}"#,
+                "download_timeout",
+            ),
+            (
+                r#"{"aggr_id":"a","aggr_limit":2,"url":"http://x/","callback_url":"http://c/","extract_image_size":"yes"}"#,
+                "extract_image_size",
+            ),
+            (
+                r#"{"aggr_id":"a","aggr_limit":2,"url":"http://x/","callback_url":"http://c/","request_headers":{"A":true}}"#,
+                "request_headers",
+            ),
+            (
+                r#"{"aggr_id":"a","aggr_limit":2,"url":"http://x/","callback_url":"http://c/","s3_bucket":"b"}"#,
+                "s3_region",
+            ),
+            (
+                r#"{"aggr_id":"a","aggr_limit":2,"url":"http://x/","s3_bucket":"b","s3_region":"r"}"#,
+                "not supported",
+            ),
+        ];
+        for (body, field) in cases {
+            let e = spec(body).unwrap_err().0;
+            assert!(e.contains(field), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn mime_patterns_and_negation() {
+        let p = MimePattern::parse("image/*,!image/gif").unwrap();
+        assert!(p.check("image/png").is_ok());
+        let e = p.check("image/gif").unwrap_err();
+        assert!(
+            e.starts_with("Expected mime-type") && e.contains("image/gif"),
+            "{e}"
+        );
+        let e = p.check("text/plain").unwrap_err();
+        assert!(e.contains("image/*") && e.contains("text/plain"), "{e}");
+        assert!(MimePattern::parse("").unwrap().check("anything").is_ok());
+    }
+
+    #[test]
+    fn sniffing() {
+        assert_eq!(sniff_mime(b""), "application/x-empty");
+        assert_eq!(sniff_mime(b"hello world\n"), "text/plain");
+        assert_eq!(
+            sniff_mime(&[0u8, 1, 2, 3, 0xff]),
+            "application/octet-stream"
+        );
+        assert_eq!(sniff_mime(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"), "image/png");
+    }
+
+    #[test]
+    fn ids_are_url_safe_and_distinct() {
+        let a = new_id();
+        assert!(is_valid_id(&a) && a.len() == 22);
+        assert_ne!(a, new_id());
+        assert!(!is_valid_id("../etc"));
+        assert_eq!(
+            download_url("http://h/d/", "abcdef"),
+            "http://h/d/abc/abcdef"
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! downloader: fetches merchant files with per-aggregation limits and MIME checks,
+//! makes thumbnails, stores both, and calls the client back when each job ends.
+//!
+//! See ARCHITECTURE.md for how the pieces fit together.
+
+pub mod config;
+pub mod job;
+pub mod logging;
+pub mod notifier;
+pub mod processor;
+pub mod stats;
+pub mod store;
+pub mod systemd;
+pub mod thumbnail;
+pub mod web;
+pub mod worker;
+
+use std::sync::Arc;
+
+/// `0.1.0 (commit 1a2b3c4d5e6f, built 2026-11-22)`.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("DOWNLOADER_COMMIT"),
+    ", built ",
+    env!("DOWNLOADER_BUILD_DATE"),
+    ")"
+);
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Selects rustls' pure-Rust-verified `ring` provider for every TLS client, once.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Opens the store the config selects.
+pub async fn connect_store(cfg: &config::Config) -> anyhow::Result<Arc<dyn store::Store>> {
+    match cfg.store_kind() {
+        config::StoreKind::Redis => Ok(Arc::new(
+            store::redis::RedisStore::connect(&cfg.redis).await?,
+        )),
+        config::StoreKind::Embedded(path) => {
+            let store =
+                tokio::task::spawn_blocking(move || store::embedded::EmbeddedStore::open(&path))
+                    .await??;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// A token cancelled on the first SIGTERM or SIGINT. SIGHUP (whose default action
+/// would end the process) is logged and otherwise ignored: logs go to stderr and
+/// the config is read once, so there is nothing to reopen.
+pub fn shutdown_on_signals() -> CancellationToken {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    // Installed before returning, so that a signal sent once the caller says it is
+    // ready is never met by the default action (which ends the process on SIGHUP).
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return token;
+    };
+    let t = token.clone();
+    tokio::spawn(
+        async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received: shutting down"),
+                    _ = int.recv() => tracing::info!("SIGINT received: shutting down"),
+                    _ = hup.recv() => {
+                        tracing::info!("SIGHUP received: nothing to reopen (logs go to stderr; restart to reload the config)");
+                        continue;
+                    }
+                }
+                t.cancel();
+                return;
+            }
+        }
+        .in_current_span(),
+    );
+    token
+}

@@ -1,0 +1,215 @@
+//! The notifier: delivers each finished job's callback, retries failed deliveries,
+//! and deletes files and job records once their time is up.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::stats::Stats;
+use crate::store::{Claimed, Queue, Store};
+use crate::worker::{self, Handler, WorkerConfig, persist};
+
+pub struct Notifier {
+    store: Arc<dyn Store>,
+    client: reqwest::Client,
+    download_url: String,
+    stats: Arc<Stats>,
+    backoff: Duration,
+    retries: u32,
+    keep: Duration,
+    root: PathBuf,
+}
+
+impl Notifier {
+    pub fn new(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Notifier> {
+        crate::install_crypto_provider();
+        let timeout = Duration::from_secs(cfg.backends.http.timeout);
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .no_proxy()
+            .pool_idle_timeout(Duration::from_secs(60))
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .build()?;
+        Ok(Notifier {
+            store,
+            client,
+            download_url: cfg.download_url().map_err(anyhow::Error::msg)?,
+            stats: Arc::new(Stats::default()),
+            backoff: cfg.notifier_backoff(),
+            retries: cfg.notifier.callback_retries,
+            keep: cfg.deletion_delay(),
+            root: cfg.storage_root().map_err(anyhow::Error::msg)?,
+        })
+    }
+
+    pub async fn run(self: Arc<Self>, cfg: &Config, shutdown: CancellationToken) {
+        let background = CancellationToken::new();
+        let mut helpers = tokio::task::JoinSet::new();
+        helpers.spawn(self.stats.clone().report(
+            self.store.clone(),
+            "notifier",
+            Duration::from_millis(cfg.notifier.stats_interval),
+            background.clone(),
+        ));
+        helpers.spawn(self.clone().delete_expired(background.clone()));
+        let wc = WorkerConfig {
+            queue: Queue::Callback,
+            lease: Duration::from_secs(cfg.notifier.lease_secs),
+            max_in_flight: cfg.notifier.concurrency,
+            grace: Duration::from_secs(cfg.notifier.shutdown_grace_secs),
+        };
+        worker::run(self.store.clone(), wc, self.clone(), shutdown).await;
+        background.cancel();
+        while helpers.join_next().await.is_some() {}
+    }
+
+    /// POSTs the payload; `Err` says why it was not delivered.
+    async fn deliver(&self, c: &Claimed) -> Result<(), String> {
+        let cb = c
+            .job
+            .spec
+            .callback
+            .as_ref()
+            .ok_or("job has no callback destination")?;
+        let payload = c.job.callback_payload(&self.download_url);
+        let resp = self
+            .client
+            .post(&cb.dst)
+            .json(&payload)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    "callback timed out".to_string()
+                } else {
+                    format!("callback failed: {e}")
+                }
+            })?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "callback receiver answered status code {}",
+                resp.status().as_u16()
+            ))
+        }
+    }
+
+    /// Deletes the files and records of jobs whose deletion is due.
+    async fn delete_expired(self: Arc<Self>, stop: CancellationToken) {
+        let period = self
+            .keep
+            .clamp(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = stop.cancelled() => return,
+            }
+            let ids = match self.store.due_deletions(500).await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read due deletions");
+                    continue;
+                }
+            };
+            if ids.is_empty() {
+                continue;
+            }
+            let root = self.root.clone();
+            let ids2 = ids.clone();
+            let removed = tokio::task::spawn_blocking(move || {
+                for id in &ids2 {
+                    remove_job_files(&root, id);
+                }
+            })
+            .await;
+            if removed.is_ok() {
+                match self.store.forget(&ids).await {
+                    Ok(()) => tracing::debug!(jobs = ids.len(), "deleted expired jobs"),
+                    Err(e) => tracing::warn!(error = %e, "cannot delete job records"),
+                }
+            }
+        }
+    }
+}
+
+/// Removes `<id>` and its derived files (`<id>.<anything>`) from the job's shard.
+fn remove_job_files(root: &std::path::Path, id: &str) {
+    if !crate::job::is_valid_id(id) {
+        return;
+    }
+    let dir = root.join(&id[..3]);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    let prefix = format!("{id}.");
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if (name == id || name.starts_with(&prefix))
+            && let Err(err) = std::fs::remove_file(e.path())
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(job_id = %id, error = %err, "cannot delete file");
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for Notifier {
+    async fn handle(&self, c: Claimed, cancel: CancellationToken) {
+        let span = tracing::info_span!(
+            "callback",
+            job_id = %c.job.id,
+            aggr_id = %c.job.spec.aggr_id,
+            attempt = c.job.callback_attempts
+        );
+        async {
+            let r = tokio::select! {
+                r = self.deliver(&c) => r,
+                _ = cancel.cancelled() => {
+                    if let Err(e) = self.store.release(Queue::Callback, &c.job.id, &c.token).await {
+                        tracing::warn!(error = %e, "cannot hand the callback back; its lease will expire");
+                    }
+                    return;
+                }
+            };
+            let (id, token) = (c.job.id.as_str(), c.token.as_str());
+            match r {
+                Ok(()) => {
+                    self.stats.add("successfulCallbacks", 1);
+                    tracing::info!("callback delivered");
+                    persist("finish callback", || {
+                        self.store.finish_callback(id, token, self.keep)
+                    })
+                    .await;
+                }
+                Err(error) if c.job.callback_attempts > self.retries => {
+                    self.stats.add("failedCallbacks", 1);
+                    tracing::warn!(error, "callback failed; no retries left");
+                    persist("fail callback", || {
+                        self.store.fail_callback(id, token, &error)
+                    })
+                    .await;
+                }
+                Err(error) => {
+                    self.stats.add("callbackRetries", 1);
+                    let delay = self.backoff * 2u32.saturating_pow(c.job.callback_attempts.saturating_sub(1).min(10));
+                    tracing::info!(error, ?delay, "callback will be retried");
+                    persist("retry callback", || {
+                        self.store.retry_callback(id, token, &error, delay)
+                    })
+                    .await;
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}

@@ -1,0 +1,476 @@
+//! One download: request, status, MIME check, streaming to a temporary file, atomic
+//! rename into place.
+
+use std::collections::{BTreeMap, HashMap};
+use std::error::Error as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use tokio::io::AsyncWriteExt;
+
+use super::net::{AddressRefused, GuardedResolver, NetGuard};
+use crate::job::{JobRecord, MimePattern, relative_path, sniff_mime};
+
+/// Bytes sniffed for the MIME type before the check runs.
+const SNIFF_BYTES: usize = 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_REDIRECTS: usize = 10;
+/// Client pools kept for distinct proxies before the cache starts over.
+const MAX_CLIENTS: usize = 256;
+
+/// How a download attempt ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Success {
+        code: u16,
+        image_size: String,
+        bytes: u64,
+    },
+    /// Final: retrying would not help.
+    Fail { error: String, code: u16 },
+    /// Worth another attempt; `after` is the origin's Retry-After.
+    Retry {
+        error: String,
+        code: u16,
+        after: Option<Duration>,
+    },
+}
+
+pub struct Fetcher {
+    guard: Arc<NetGuard>,
+    clients: Mutex<HashMap<Option<String>, reqwest::Client>>,
+    headers: HeaderMap,
+    max_bytes: u64,
+    default_timeout: Duration,
+    root: PathBuf,
+}
+
+impl Fetcher {
+    pub fn new(
+        guard: NetGuard,
+        headers: &BTreeMap<String, String>,
+        max_bytes: u64,
+        default_timeout: Duration,
+        root: PathBuf,
+    ) -> anyhow::Result<Fetcher> {
+        crate::install_crypto_provider();
+        Ok(Fetcher {
+            guard: Arc::new(guard),
+            clients: Mutex::new(HashMap::new()),
+            headers: header_map(headers)?,
+            max_bytes,
+            default_timeout,
+            root,
+        })
+    }
+
+    fn client(&self, proxy: Option<&str>) -> Result<reqwest::Client, String> {
+        let key = proxy.map(str::to_string);
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let guard = self.guard.clone();
+        let policy = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() > MAX_REDIRECTS {
+                return attempt.error(format!("stopped after {MAX_REDIRECTS} redirects"));
+            }
+            match guard.check_url(attempt.url()) {
+                Ok(()) => attempt.follow(),
+                Err(e) => attempt.error(e),
+            }
+        });
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .redirect(policy)
+            .no_proxy()
+            .dns_resolver(Arc::new(GuardedResolver {
+                guard: self.guard.clone(),
+                timeout: CONNECT_TIMEOUT,
+            }))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true);
+        if let Some(p) = proxy {
+            b = b.proxy(reqwest::Proxy::all(p).map_err(|e| format!("invalid proxy {p}: {e}"))?);
+        }
+        let c = b
+            .build()
+            .map_err(|e| format!("cannot build HTTP client: {e}"))?;
+        if clients.len() >= MAX_CLIENTS {
+            clients.clear();
+        }
+        clients.insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// The storage root files and thumbnails go under.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn final_path(&self, id: &str) -> PathBuf {
+        self.root.join(relative_path(id))
+    }
+
+    /// Downloads the job's URL to its final path.
+    pub async fn fetch(&self, job: &JobRecord, proxy: Option<&str>) -> Outcome {
+        let fail = |error: String| Outcome::Fail { error, code: 0 };
+        let url = match url::Url::parse(&job.spec.url) {
+            Ok(u) => u,
+            Err(e) => return fail(format!("invalid URL: {e}")),
+        };
+        if proxy.is_none()
+            && let Err(e) = self.guard.check_url(&url)
+        {
+            return fail(e.to_string());
+        }
+        let mime = match MimePattern::parse(&job.spec.mime_type) {
+            Ok(m) => m,
+            Err(e) => return fail(e.0),
+        };
+        let client = match self.client(proxy) {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        };
+        let mut headers = self.headers.clone();
+        match header_map(&job.spec.request_headers) {
+            Ok(h) => headers.extend(h),
+            Err(e) => return fail(e.to_string()),
+        }
+        let timeout = job
+            .spec
+            .download_timeout
+            .map(Duration::from_secs)
+            .unwrap_or(self.default_timeout);
+
+        let resp = match client
+            .get(url)
+            .headers(headers)
+            .timeout(timeout)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return classify(&e, 0, timeout),
+        };
+        let code = resp.status().as_u16();
+        if !resp.status().is_success() {
+            let error = format!("Received status code {code}");
+            return if code == 429 || resp.status().is_server_error() {
+                Outcome::Retry {
+                    error,
+                    code,
+                    after: retry_after(resp.headers()),
+                }
+            } else {
+                Outcome::Fail { error, code }
+            };
+        }
+        if let Some(len) = resp.content_length()
+            && len > self.max_bytes
+        {
+            return Outcome::Fail {
+                error: too_large(len, self.max_bytes),
+                code,
+            };
+        }
+
+        let dest = self.final_path(&job.id);
+        let tmp = TempFile::new(&dest);
+        match self
+            .store_body(resp, &tmp.path, &dest, &mime, timeout)
+            .await
+        {
+            Ok(bytes) => {
+                tmp.keep();
+                let image_size = if job.spec.extract_image_size {
+                    image_size(dest).await
+                } else {
+                    String::new()
+                };
+                Outcome::Success {
+                    code,
+                    image_size,
+                    bytes,
+                }
+            }
+            Err(mut o) => {
+                if let Outcome::Fail { code: c, .. } | Outcome::Retry { code: c, .. } = &mut o {
+                    *c = code;
+                }
+                o
+            }
+        }
+    }
+
+    /// Streams the body to `tmp`, checking the MIME type on the first bytes and the
+    /// size on every chunk, `fsync`s it and renames it to `dest`. Small bodies stay
+    /// in memory and are written in one blocking call: most files are small, and each
+    /// trip to the blocking pool costs more than the write.
+    async fn store_body(
+        &self,
+        resp: reqwest::Response,
+        tmp: &Path,
+        dest: &Path,
+        mime: &MimePattern,
+        timeout: Duration,
+    ) -> Result<u64, Outcome> {
+        let expected = resp.content_length();
+        let mut body = resp.bytes_stream();
+        let mut head: Vec<u8> = Vec::with_capacity(SNIFF_BYTES);
+        let mut checked = false;
+        let mut total: u64 = 0;
+        let mut held: Vec<bytes::Bytes> = Vec::new();
+        let mut file: Option<tokio::fs::File> = None;
+        loop {
+            let chunk = match body.next().await {
+                Some(Ok(c)) => c,
+                Some(Err(e)) => {
+                    let mut o = classify(&e, 0, timeout);
+                    if let Outcome::Retry { error, .. } = &mut o
+                        && !e.is_timeout()
+                    {
+                        *error = match expected {
+                            Some(n) => format!("unexpected EOF: got {total} of {n} bytes"),
+                            None => format!("unexpected EOF after {total} bytes: {}", chain(&e)),
+                        };
+                    }
+                    return Err(o);
+                }
+                None => break,
+            };
+            total += chunk.len() as u64;
+            if total > self.max_bytes {
+                return Err(Outcome::Fail {
+                    error: too_large(total, self.max_bytes),
+                    code: 0,
+                });
+            }
+            if !checked {
+                let take = (SNIFF_BYTES - head.len()).min(chunk.len());
+                head.extend_from_slice(&chunk[..take]);
+                if head.len() >= SNIFF_BYTES {
+                    check_mime(mime, &head)?;
+                    checked = true;
+                }
+            }
+            match file.as_mut() {
+                Some(f) => f.write_all(&chunk).await.map_err(write_error)?,
+                None if total <= IN_MEMORY_BYTES => held.push(chunk),
+                None => {
+                    held.push(chunk);
+                    let (t, parts) = (tmp.to_path_buf(), std::mem::take(&mut held));
+                    let f = blocking(move || write_parts(&t, &parts)).await?;
+                    file = Some(tokio::fs::File::from_std(f));
+                }
+            }
+        }
+        if !checked {
+            check_mime(mime, &head)?;
+        }
+        let (t, d) = (tmp.to_path_buf(), dest.to_path_buf());
+        match file {
+            Some(mut f) => {
+                f.flush().await.map_err(write_error)?;
+                let f = f.into_std().await;
+                blocking(move || sync_and_rename(f, &t, &d)).await?;
+            }
+            None => {
+                blocking(move || sync_and_rename(write_parts(&t, &held)?, &t, &d)).await?;
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// Writes `data` to `dest` through a fsynced temporary file beside it and a rename,
+/// so `dest` never holds a partial file.
+pub async fn write_atomic(dest: PathBuf, data: Vec<u8>) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        let tmp = TempFile::new(&dest);
+        sync_and_rename(write_parts(&tmp.path, &[data])?, &tmp.path, &dest)?;
+        tmp.keep();
+        Ok(())
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Bodies up to this size are written in one blocking call.
+const IN_MEMORY_BYTES: u64 = 256 * 1024;
+
+fn write_error(e: std::io::Error) -> Outcome {
+    Outcome::Retry {
+        error: format!("cannot write file: {e}"),
+        code: 0,
+        after: None,
+    }
+}
+
+/// Creates `path` (and its directory) holding `parts`, in order.
+fn write_parts(path: &Path, parts: &[impl AsRef<[u8]>]) -> std::io::Result<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::File::create(path)?;
+    for p in parts {
+        std::io::Write::write_all(&mut f, p.as_ref())?;
+    }
+    Ok(f)
+}
+
+/// Makes `f` (written at `tmp`) durable, then puts it at `dest` in one step.
+fn sync_and_rename(f: std::fs::File, tmp: &Path, dest: &Path) -> std::io::Result<()> {
+    f.sync_all()?;
+    std::fs::rename(tmp, dest)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, Outcome> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(write_error),
+        Err(e) => Err(write_error(std::io::Error::other(e))),
+    }
+}
+
+fn check_mime(mime: &MimePattern, head: &[u8]) -> Result<(), Outcome> {
+    mime.check(&sniff_mime(head))
+        .map_err(|error| Outcome::Fail { error, code: 0 })
+}
+
+fn too_large(len: u64, max: u64) -> String {
+    format!("file is larger than the limit of {max} bytes ({len} bytes or more)")
+}
+
+async fn image_size(path: PathBuf) -> String {
+    tokio::task::spawn_blocking(move || {
+        image::ImageReader::open(&path)
+            .and_then(|r| r.with_guessed_format())
+            .ok()
+            .and_then(|r| r.into_dimensions().ok())
+            .map(|(w, h)| format!("{w}x{h}"))
+            .unwrap_or_default()
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// A temporary file beside its destination (same filesystem, so the rename is
+/// atomic), removed on drop unless kept.
+struct TempFile {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl TempFile {
+    fn new(dest: &Path) -> TempFile {
+        let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+        let path = dest.with_file_name(format!(".{name}.{}.tmp", crate::job::new_id()));
+        TempFile { path, keep: false }
+    }
+
+    fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn header_map(h: &BTreeMap<String, String>) -> anyhow::Result<HeaderMap> {
+    let mut map = HeaderMap::new();
+    for (k, v) in h {
+        map.insert(
+            HeaderName::from_bytes(k.as_bytes())?,
+            HeaderValue::from_str(v)?,
+        );
+    }
+    Ok(map)
+}
+
+/// `Retry-After` as seconds or an HTTP date, capped at an hour.
+fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    let v = h.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let d = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    };
+    Some(d.min(Duration::from_secs(3600)))
+}
+
+/// The error and its causes, joined, for messages.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let cs = c.to_string();
+        if !s.contains(&cs) {
+            s.push_str(": ");
+            s.push_str(&cs);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// The first error of type `T` in `e`'s chain, looking inside boxed errors and
+/// `io::Error`s (hyper and tokio-rustls wrap the interesting ones in both).
+fn find<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    fn inside<'a, T: std::error::Error + 'static>(
+        c: &'a (dyn std::error::Error + 'static),
+    ) -> Option<&'a T> {
+        if let Some(t) = c.downcast_ref::<T>() {
+            return Some(t);
+        }
+        let inner: &(dyn std::error::Error + 'static) =
+            c.downcast_ref::<std::io::Error>()?.get_ref()?;
+        inside(inner)
+    }
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(t) = inside(c) {
+            return Some(t);
+        }
+        cur = c.source();
+    }
+    None
+}
+
+fn classify(e: &reqwest::Error, code: u16, timeout: Duration) -> Outcome {
+    let fail = |error: String| Outcome::Fail { error, code };
+    let retry = |error: String| Outcome::Retry {
+        error,
+        code,
+        after: None,
+    };
+    if let Some(r) = find::<AddressRefused>(e) {
+        return fail(r.to_string());
+    }
+    if let Some(t) = find::<rustls::Error>(e) {
+        return fail(format!("TLS error: {t}"));
+    }
+    if e.is_timeout() {
+        return retry(format!("download timed out after {}s", timeout.as_secs()));
+    }
+    if e.is_redirect() {
+        return fail(chain(e));
+    }
+    if e.is_builder() || e.is_request() && e.source().is_none() {
+        return fail(chain(e));
+    }
+    retry(chain(e))
+}

@@ -1,0 +1,306 @@
+//! The processor: claims downloads within their aggregation's limit, fetches them,
+//! and records the outcome (which queues the callback).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub mod fetch;
+pub mod net;
+
+use crate::config::Config;
+use crate::job::{JobRecord, ThumbnailInfo};
+use crate::stats::Stats;
+use crate::store::{Claimed, DownloadResult, Queue, Store};
+use crate::thumbnail::Thumbnailer;
+use crate::worker::{self, Handler, WorkerConfig, persist};
+use fetch::{Fetcher, Outcome};
+use net::NetGuard;
+
+pub struct Processor {
+    store: Arc<dyn Store>,
+    fetcher: Fetcher,
+    thumbnailer: Arc<Thumbnailer>,
+    stats: Arc<Stats>,
+    backoff: Duration,
+    /// How long a job without a callback is kept (its deletion interval).
+    keep: Duration,
+    /// Downloads in flight here, per aggregation (for the pool counters).
+    pools: Mutex<HashMap<String, usize>>,
+}
+
+impl Processor {
+    pub fn new(
+        cfg: &Config,
+        store: Arc<dyn Store>,
+        thumbnailer: Arc<Thumbnailer>,
+    ) -> anyhow::Result<Processor> {
+        let root = cfg.storage_root().map_err(anyhow::Error::msg)?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| anyhow::anyhow!("cannot create storage dir {}: {e}", root.display()))?;
+        let guard = NetGuard::new(cfg.allowed_networks().map_err(anyhow::Error::msg)?);
+        let fetcher = Fetcher::new(
+            guard,
+            &cfg.default_headers(),
+            cfg.processor.max_download_bytes,
+            Duration::from_secs(cfg.processor.download_timeout),
+            root,
+        )?;
+        Ok(Processor {
+            store,
+            fetcher,
+            thumbnailer,
+            stats: Arc::new(Stats::default()),
+            backoff: cfg.processor_backoff(),
+            keep: cfg.deletion_delay(),
+            pools: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Runs until `shutdown`, then drains within the grace period.
+    pub async fn run(self: Arc<Self>, cfg: &Config, shutdown: CancellationToken) {
+        let stop_stats = CancellationToken::new();
+        let reporter = tokio::spawn(self.stats.clone().report(
+            self.store.clone(),
+            "processor",
+            Duration::from_millis(cfg.processor.stats_interval),
+            stop_stats.clone(),
+        ));
+        let wc = WorkerConfig {
+            queue: Queue::Download,
+            lease: Duration::from_secs(cfg.processor.lease_secs),
+            max_in_flight: cfg.processor.max_concurrent_downloads,
+            grace: Duration::from_secs(cfg.processor.shutdown_grace_secs),
+        };
+        self.stats.add("maxWorkers", 0);
+        worker::run(self.store.clone(), wc, self.clone(), shutdown).await;
+        stop_stats.cancel();
+        let _ = reporter.await;
+    }
+
+    fn enter(&self, aggr: &str) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let n = pools.entry(aggr.to_string()).or_default();
+        *n += 1;
+        if *n == 1 {
+            self.stats.add("spawnedWorkerPools", 1);
+        }
+        let workers: usize = pools.values().sum();
+        self.stats.add("spawnedWorkers", 1);
+        self.stats.gauge("workers", workers as i64, "maxWorkers");
+        self.stats
+            .gauge("workerPools", pools.len() as i64, "maxWorkerPools");
+    }
+
+    fn leave(&self, aggr: &str) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = pools.get_mut(aggr) {
+            *n -= 1;
+            if *n == 0 {
+                pools.remove(aggr);
+            }
+        }
+        let workers: usize = pools.values().sum();
+        self.stats.gauge("workers", workers as i64, "maxWorkers");
+        self.stats
+            .gauge("workerPools", pools.len() as i64, "maxWorkerPools");
+    }
+
+    /// Backoff before retry `attempt` (1-based): doubles each time, ±20 % jitter.
+    fn retry_delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let base = self.backoff * 2u32.saturating_pow(attempt.saturating_sub(1).min(10));
+        let jitter = rand::rng().random_range(0.8..1.2);
+        base.mul_f64(jitter).max(retry_after.unwrap_or_default())
+    }
+
+    /// Makes the job's thumbnails from its downloaded file and stores each at
+    /// `<root>/<id[0:3]>/<id>.<name>.<ext>`. `Err` says which one failed and why.
+    async fn make_thumbnails(&self, job: &JobRecord) -> Result<Vec<ThumbnailInfo>, String> {
+        let specs = job.spec.thumbnail_specs()?;
+        let path = self.fetcher.final_path(&job.id);
+        let max = self.thumbnailer.config().max_input_bytes;
+        let len = tokio::fs::metadata(&path)
+            .await
+            .map_err(|e| format!("thumbnails: cannot read the downloaded file: {e}"))?
+            .len();
+        if len > max {
+            return Err(format!(
+                "thumbnails: the file is {len} bytes, over thumbnail.max_input_bytes ({max})"
+            ));
+        }
+        let data = bytes::Bytes::from(
+            tokio::fs::read(&path)
+                .await
+                .map_err(|e| format!("thumbnails: cannot read the downloaded file: {e}"))?,
+        );
+        let mut made = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let name = spec.name.clone();
+            let t = self
+                .thumbnailer
+                .make(data.clone(), spec)
+                .await
+                .map_err(|e| format!("thumbnail {name}: {e}"))?;
+            let rel = format!(
+                "{}.{name}.{}",
+                crate::job::relative_path(&job.id),
+                t.format.extension()
+            );
+            let bytes = t.bytes.len() as u64;
+            fetch::write_atomic(self.fetcher.root().join(&rel), t.bytes)
+                .await
+                .map_err(|e| format!("thumbnail {name}: cannot store it: {e}"))?;
+            made.push(ThumbnailInfo {
+                name,
+                path: rel,
+                width: t.width,
+                height: t.height,
+                format: format_name(t.format),
+                bytes,
+            });
+        }
+        Ok(made)
+    }
+
+    /// The download and, when it succeeded, the job's thumbnails.
+    async fn run_job(&self, c: &Claimed) -> (Outcome, Vec<ThumbnailInfo>) {
+        let outcome = self.fetcher.fetch(&c.job, c.proxy.as_deref()).await;
+        let code = match &outcome {
+            Outcome::Success { code, .. } if !c.job.spec.thumbnails.is_empty() => *code,
+            _ => return (outcome, Vec::new()),
+        };
+        let result = self.make_thumbnails(&c.job).await;
+        let t = self.thumbnailer.stats();
+        self.stats.set("thumbnailsMade", t.made as i64);
+        self.stats.set("thumbnailsRefused", t.refused as i64);
+        // Decoder panics caught by the thumbnailer's last line of defence.
+        self.stats.set("thumbnailPanics", t.panics as i64);
+        match result {
+            Ok(made) => (outcome, made),
+            // Thumbnailing the same bytes again would fail the same way: not retried.
+            Err(error) => (Outcome::Fail { error, code }, Vec::new()),
+        }
+    }
+
+    async fn record(&self, c: &Claimed, outcome: Outcome, thumbnails: Vec<ThumbnailInfo>) {
+        let job = &c.job;
+        let (result, retry) = match outcome {
+            Outcome::Success {
+                code,
+                image_size,
+                bytes,
+            } => {
+                self.stats.add(&format!("download.response.{code}"), 1);
+                tracing::info!(bytes, code, image_size, "download succeeded");
+                (
+                    DownloadResult {
+                        success: true,
+                        error: String::new(),
+                        response_code: code,
+                        image_size,
+                        thumbnails: if thumbnails.is_empty() {
+                            String::new()
+                        } else {
+                            serde_json::to_string(&thumbnails).unwrap_or_default()
+                        },
+                    },
+                    None,
+                )
+            }
+            Outcome::Fail { error, code } => {
+                self.count_failure(code);
+                tracing::warn!(error, code, "download failed");
+                (failed(error, code), None)
+            }
+            Outcome::Retry { error, code, after } => {
+                self.count_failure(code);
+                let attempts = job.download_attempts;
+                if attempts > job.spec.max_retries {
+                    tracing::warn!(error, code, attempts, "download failed; no retries left");
+                    (failed(error, code), None)
+                } else {
+                    let delay = self.retry_delay(attempts, after);
+                    tracing::info!(error, code, attempts, ?delay, "download will be retried");
+                    (failed(error, code), Some(delay))
+                }
+            }
+        };
+        let (id, token) = (job.id.as_str(), c.token.as_str());
+        match retry {
+            Some(delay) => {
+                persist("retry download", || {
+                    self.store.retry_download(id, token, &result, delay)
+                })
+                .await
+            }
+            None => {
+                persist("finish download", || {
+                    self.store.finish_download(id, token, &result, self.keep)
+                })
+                .await
+            }
+        };
+    }
+
+    fn count_failure(&self, code: u16) {
+        self.stats.add("failures", 1);
+        if code != 0 {
+            self.stats.add(&format!("download.response.{code}"), 1);
+        }
+    }
+}
+
+fn failed(error: String, code: u16) -> DownloadResult {
+    DownloadResult {
+        success: false,
+        error,
+        response_code: code,
+        image_size: String::new(),
+        thumbnails: String::new(),
+    }
+}
+
+fn format_name(f: crate::thumbnail::Format) -> String {
+    serde_json::to_value(f)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| f.extension().to_string())
+}
+
+#[async_trait]
+impl Handler for Processor {
+    async fn handle(&self, c: Claimed, cancel: CancellationToken) {
+        let span = tracing::info_span!(
+            "download",
+            job_id = %c.job.id,
+            aggr_id = %c.job.spec.aggr_id,
+            attempt = c.job.download_attempts
+        );
+        async {
+            let aggr = c.job.spec.aggr_id.clone();
+            self.enter(&aggr);
+            tracing::debug!(url = %c.job.spec.url, "download started");
+            let outcome = tokio::select! {
+                o = self.run_job(&c) => Some(o),
+                _ = cancel.cancelled() => None,
+            };
+            match outcome {
+                Some((o, thumbnails)) => self.record(&c, o, thumbnails).await,
+                None => {
+                    tracing::info!("download interrupted; handing the job back");
+                    if let Err(e) = self.store.release(Queue::Download, &c.job.id, &c.token).await {
+                        tracing::warn!(error = %e, "cannot hand the job back; its lease will expire");
+                    }
+                }
+            }
+            self.leave(&aggr);
+        }
+        .instrument(span)
+        .await
+    }
+}

@@ -1,0 +1,1421 @@
+//! Embedded backend of [`Store`]: one redb file, used by one process.
+//!
+//! It keeps the Redis backend's semantics (its Lua scripts are the specification):
+//! every trait method that changes anything is one atomic step, so a crash leaves
+//! either all or none of a step. Wake-ups are in-process [`Notify`]s, notified after
+//! the commit wherever the scripts call `wake`.
+//!
+//! Group commit. One writer thread owns every write transaction. A write method queues
+//! its step (a closure over the transaction's tables and a reply channel) and waits.
+//! The writer takes everything queued (at most 512 steps), applies the steps in order
+//! in one write transaction, commits once (one fsync), and only then answers each
+//! caller and fires the steps' wake-ups. So a step's writes are committed together
+//! with its batch or not at all, and a commit error is every caller's error. A step
+//! that fails before writing (e.g. a duplicate job id) fails alone; one that fails
+//! after writing (storage error, corrupt record) is dropped from the batch with its
+//! error and the other steps run again in a fresh transaction, so that no partial
+//! step is committed. A step may thus run more than once, but is answered once.
+//! Throughput then grows with the number of concurrent writers instead of being one
+//! fsync per write; a lone write still waits for one commit (two if it arrives while
+//! one is under way). `claim_many` is one step however many jobs it takes.
+//!
+//! Durability: every commit uses redb's default `Durability::Immediate`, so a write
+//! is durable when its method returns. When the store is dropped (its last clone),
+//! the writer commits what is still queued and is joined; then the file is closed.
+//!
+//! Data model (all times are wall-clock milliseconds since the Unix epoch):
+//!
+//! | table       | key                      | value                                  |
+//! |-------------|--------------------------|----------------------------------------|
+//! | `jobs`      | id                       | JSON map of the job's fields           |
+//! | `aggrs`     | aggregation              | JSON `{limit, proxy, inflight, pending}` |
+//! | `pending`   | (aggregation, seq)       | id (FIFO per aggregation)              |
+//! | `ready`     | aggregation              | — (pending jobs and a free slot)       |
+//! | `active`    | aggregation              | — (pending jobs)                       |
+//! | `leases`    | (queue, expiry, id)      | —                                      |
+//! | `delayed`   | (queue, due, id)         | —                                      |
+//! | `cb_queue`  | seq                      | id                                     |
+//! | `deletions` | (due, id)                | —                                      |
+//! | `stats`     | component                | (expires_at, json)                     |
+//!
+//! The job map holds the same fields as the Redis hash (`dl_state`, `dl_lease`, ...)
+//! plus the scores of the sorted-set entries it is in (`dl_lease_exp`,
+//! `cb_lease_exp`, `dl_delayed_at`, `cb_delayed_at`, `del_at`), so that an entry can
+//! be moved or removed without a scan.
+//!
+//! Where it differs from Redis, without a difference the trait can show:
+//! - a download claim takes the ready aggregations round robin (Redis: at random);
+//! - a queue's wake-ups are one stored permit per process (Redis: up to 16 tokens);
+//! - a queued id whose job was forgotten is skipped (Redis would hand out a record
+//!   without a spec);
+//! - read-only methods use one read transaction (a snapshot), outside the writer; a
+//!   batch whose steps changed nothing is aborted rather than committed, saving the
+//!   fsync;
+//! - expired stats are not removed, only read as absent until overwritten.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::{Arc, mpsc};
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use redb::{
+    Database, DatabaseError, ReadableDatabase, ReadableTable, Table, TableDefinition,
+    WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, oneshot};
+
+use super::{Claimed, DownloadResult, Queue, Result, RetryCallback, Store, StoreError, millis};
+use crate::job::{JobRecord, JobSpec, state};
+
+/// As in the Redis backend: leases a job may lose before it is failed.
+const MAX_LOST_LEASES: i64 = 5;
+/// Due delayed entries promoted and expired leases recovered per claim (as in Redis).
+const BATCH: usize = 100;
+/// Ready aggregations tried per claim (as in Redis).
+const READY_TRIES: usize = 16;
+/// Deletion delay of a job without callback whose download was abandoned.
+const ABANDONED_KEEP_MS: u64 = 86_400_000;
+/// Most steps the writer applies in one transaction (one fsync).
+const MAX_GROUP: usize = 512;
+
+type Str = &'static str;
+type Zset = (Str, u64, Str);
+
+const JOBS: TableDefinition<Str, Str> = TableDefinition::new("jobs");
+const AGGRS: TableDefinition<Str, Str> = TableDefinition::new("aggrs");
+const PENDING: TableDefinition<(Str, i64), Str> = TableDefinition::new("pending");
+const READY: TableDefinition<Str, ()> = TableDefinition::new("ready");
+const ACTIVE: TableDefinition<Str, ()> = TableDefinition::new("active");
+const LEASES: TableDefinition<Zset, ()> = TableDefinition::new("leases");
+const DELAYED: TableDefinition<Zset, ()> = TableDefinition::new("delayed");
+const CB_QUEUE: TableDefinition<i64, Str> = TableDefinition::new("cb_queue");
+const DELETIONS: TableDefinition<(u64, Str), ()> = TableDefinition::new("deletions");
+const STATS: TableDefinition<Str, (u64, Str)> = TableDefinition::new("stats");
+
+type Fields = BTreeMap<String, String>;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Aggr {
+    limit: i64,
+    proxy: String,
+    inflight: i64,
+    /// Length of the aggregation's pending list.
+    pending: u64,
+}
+
+impl Default for Aggr {
+    fn default() -> Self {
+        // Redis reads a missing limit as 1 and a missing inflight as 0.
+        Aggr {
+            limit: 1,
+            proxy: String::new(),
+            inflight: 0,
+            pending: 0,
+        }
+    }
+}
+
+/// Why a transaction body stopped; it is then aborted.
+enum Fail {
+    Db(redb::Error),
+    Store(StoreError),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Fail {
+            fn from(e: $t) -> Self {
+                Fail::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Store(e)
+    }
+}
+
+impl From<Fail> for StoreError {
+    fn from(f: Fail) -> Self {
+        match f {
+            Fail::Db(e) => StoreError::Backend(format!("embedded store: {e}")),
+            Fail::Store(e) => e,
+        }
+    }
+}
+
+type R<T> = std::result::Result<T, Fail>;
+
+fn corrupt(e: impl std::fmt::Display) -> Fail {
+    Fail::Store(StoreError::Corrupt(e.to_string()))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn num(f: &Fields, k: &str) -> i64 {
+    f.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// `HINCRBY`: returns the new value.
+fn incr(f: &mut Fields, k: &str, by: i64) -> i64 {
+    let v = num(f, k) + by;
+    set(f, k, v);
+    v
+}
+
+fn set(f: &mut Fields, k: &str, v: impl ToString) {
+    f.insert(k.to_string(), v.to_string());
+}
+
+/// Whether the job holds a lease of `q` with exactly `token` (Redis: `HGET` == token).
+fn holds(f: &Fields, q: Str, token: &str) -> bool {
+    f.get(&format!("{q}_lease")).is_some_and(|t| t == token)
+}
+
+/// One write transaction's tables, the clock read at the start of the current step,
+/// and the queues that step wakes once it is committed.
+struct W<'t> {
+    now: u64,
+    jobs: Table<'t, Str, Str>,
+    aggrs: Table<'t, Str, Str>,
+    pending: Table<'t, (Str, i64), Str>,
+    ready: Table<'t, Str, ()>,
+    active: Table<'t, Str, ()>,
+    leases: Table<'t, Zset, ()>,
+    delayed: Table<'t, Zset, ()>,
+    cb_queue: Table<'t, i64, Str>,
+    deletions: Table<'t, (u64, Str), ()>,
+    stats: Table<'t, Str, (u64, Str)>,
+    wake: [bool; 2],
+    /// The current step wrote something: commit (otherwise abort, saving an fsync).
+    dirty: bool,
+    /// The aggregation the last download claim took from (round robin over `ready`).
+    cursor: String,
+}
+
+impl<'t> W<'t> {
+    fn open(tx: &'t WriteTransaction, cursor: String) -> R<W<'t>> {
+        Ok(W {
+            now: now_ms(),
+            jobs: tx.open_table(JOBS)?,
+            aggrs: tx.open_table(AGGRS)?,
+            pending: tx.open_table(PENDING)?,
+            ready: tx.open_table(READY)?,
+            active: tx.open_table(ACTIVE)?,
+            leases: tx.open_table(LEASES)?,
+            delayed: tx.open_table(DELAYED)?,
+            cb_queue: tx.open_table(CB_QUEUE)?,
+            deletions: tx.open_table(DELETIONS)?,
+            stats: tx.open_table(STATS)?,
+            wake: [false; 2],
+            dirty: false,
+            cursor,
+        })
+    }
+
+    /// Starts the next step of the batch: reads the clock, clears its flags.
+    fn begin_step(&mut self) {
+        self.now = now_ms();
+        self.wake = [false; 2];
+        self.dirty = false;
+    }
+
+    fn wake(&mut self, q: Queue) {
+        self.wake[q as usize] = true;
+    }
+
+    fn job(&self, id: &str) -> R<Option<Fields>> {
+        match self.jobs.get(id)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_str(v.value()).map(Some).map_err(corrupt),
+        }
+    }
+
+    fn put_job(&mut self, id: &str, f: &Fields) -> R<()> {
+        let json = serde_json::to_string(f).map_err(corrupt)?;
+        self.jobs.insert(id, json.as_str())?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn aggr(&self, a: &str) -> R<Aggr> {
+        match self.aggrs.get(a)? {
+            None => Ok(Aggr::default()),
+            Some(v) => serde_json::from_str(v.value()).map_err(corrupt),
+        }
+    }
+
+    fn put_aggr(&mut self, a: &str, ag: &Aggr) -> R<()> {
+        let json = serde_json::to_string(ag).map_err(corrupt)?;
+        self.aggrs.insert(a, json.as_str())?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Adds or removes `a` in a set table, writing only on a change.
+    fn set_member(&mut self, ready: bool, a: &str, member: bool) -> R<()> {
+        let t = if ready {
+            &mut self.ready
+        } else {
+            &mut self.active
+        };
+        let present = t.get(a)?.is_some();
+        if member && !present {
+            t.insert(a, ())?;
+            self.dirty = true;
+        } else if !member && present {
+            t.remove(a)?;
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// The ready-set rule (PRELUDE `refresh`): `a` is in `ready` iff it has pending
+    /// jobs and fewer downloads in flight than its limit; in `active` iff it has
+    /// pending jobs.
+    fn refresh(&mut self, a: &str) -> R<bool> {
+        let ag = self.aggr(a)?;
+        let has_pending = ag.pending > 0;
+        self.set_member(false, a, has_pending)?;
+        let ready = has_pending && ag.inflight < ag.limit;
+        self.set_member(true, a, ready)?;
+        Ok(ready)
+    }
+
+    fn dec_inflight(&mut self, a: &str) -> R<()> {
+        let mut ag = self.aggr(a)?;
+        ag.inflight = (ag.inflight - 1).max(0);
+        self.put_aggr(a, &ag)
+    }
+
+    /// PRELUDE `free_slot`.
+    fn free_slot(&mut self, a: &str) -> R<()> {
+        self.dec_inflight(a)?;
+        if self.refresh(a)? {
+            self.wake(Queue::Download);
+        }
+        Ok(())
+    }
+
+    /// The first (`back == false`) or last entry of `a`'s pending list.
+    fn pending_end(&self, a: &str, back: bool) -> R<Option<(i64, String)>> {
+        let mut r = self.pending.range((a, i64::MIN)..=(a, i64::MAX))?;
+        let e = if back { r.next_back() } else { r.next() };
+        match e {
+            None => Ok(None),
+            Some(e) => {
+                let (k, v) = e?;
+                Ok(Some((k.value().1, v.value().to_string())))
+            }
+        }
+    }
+
+    /// `RPUSH` (`front == false`) or `LPUSH` on `a`'s pending list.
+    fn push_pending(&mut self, a: &str, id: &str, front: bool) -> R<()> {
+        let seq = match self.pending_end(a, !front)? {
+            None => 0,
+            Some((s, _)) if front => s - 1,
+            Some((s, _)) => s + 1,
+        };
+        self.pending.insert((a, seq), id)?;
+        self.dirty = true;
+        let mut ag = self.aggr(a)?;
+        ag.pending += 1;
+        self.put_aggr(a, &ag)
+    }
+
+    /// `LPOP` on `a`'s pending list.
+    fn pop_pending(&mut self, a: &str) -> R<Option<String>> {
+        let Some((seq, id)) = self.pending_end(a, false)? else {
+            return Ok(None);
+        };
+        self.pending.remove((a, seq))?;
+        self.dirty = true;
+        let mut ag = self.aggr(a)?;
+        ag.pending = ag.pending.saturating_sub(1);
+        self.put_aggr(a, &ag)?;
+        Ok(Some(id))
+    }
+
+    /// `RPUSH` (`front == false`) or `LPUSH` on the callback queue.
+    fn push_callback(&mut self, id: &str, front: bool) -> R<()> {
+        let seq = if front {
+            self.cb_queue.first()?.map_or(0, |(k, _)| k.value() - 1)
+        } else {
+            self.cb_queue.last()?.map_or(0, |(k, _)| k.value() + 1)
+        };
+        self.cb_queue.insert(seq, id)?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// `LPOP` on the callback queue.
+    fn pop_callback(&mut self) -> R<Option<String>> {
+        let id = self
+            .cb_queue
+            .pop_first()?
+            .map(|(_, v)| v.value().to_string());
+        if id.is_some() {
+            self.dirty = true;
+        }
+        Ok(id)
+    }
+
+    /// `ZADD` of `id` with `score` to the sorted set whose score the job keeps in
+    /// `field` (replacing its previous entry).
+    fn zadd(&mut self, lease: bool, q: Str, id: &str, f: &mut Fields, score: u64) -> R<()> {
+        self.zrem(lease, q, id, f)?;
+        let t = if lease {
+            &mut self.leases
+        } else {
+            &mut self.delayed
+        };
+        t.insert((q, score, id), ())?;
+        let field = if lease { "lease_exp" } else { "delayed_at" };
+        set(f, &format!("{q}_{field}"), score);
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn zrem(&mut self, lease: bool, q: Str, id: &str, f: &mut Fields) -> R<()> {
+        let field = if lease { "lease_exp" } else { "delayed_at" };
+        if let Some(old) = f.remove(&format!("{q}_{field}")) {
+            let old: u64 = old.parse().map_err(corrupt)?;
+            let t = if lease {
+                &mut self.leases
+            } else {
+                &mut self.delayed
+            };
+            t.remove((q, old, id))?;
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Up to `BATCH` entries of `q` in a lease/delayed table with score <= now.
+    fn due(&self, lease: bool, q: Str) -> R<Vec<(u64, String)>> {
+        let t = if lease { &self.leases } else { &self.delayed };
+        let mut out = Vec::new();
+        for e in t.range((q, 0u64, "")..(q, self.now.saturating_add(1), ""))? {
+            let (k, _) = e?;
+            let (_, score, id) = k.value();
+            out.push((score, id.to_string()));
+            if out.len() >= BATCH {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Time until the earliest delayed entry of `q`.
+    fn next_due(&self, q: Str) -> R<Option<Duration>> {
+        match self.delayed.range((q, 0u64, "")..)?.next() {
+            None => Ok(None),
+            Some(e) => {
+                let (k, _) = e?;
+                let (kq, at, _) = k.value();
+                Ok((kq == q).then(|| Duration::from_millis(at.saturating_sub(self.now))))
+            }
+        }
+    }
+
+    fn schedule_deletion(&mut self, id: &str, f: &mut Fields, at: u64) -> R<()> {
+        if let Some(old) = f.remove("del_at") {
+            let old: u64 = old.parse().map_err(corrupt)?;
+            self.deletions.remove((old, id))?;
+        }
+        self.deletions.insert((at, id), ())?;
+        set(f, "del_at", at);
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// PRELUDE `enqueue_callback` (the caller saves `f`).
+    fn enqueue_callback(&mut self, id: &str, f: &mut Fields, keep: u64) -> R<()> {
+        if f.get("has_cb").is_some_and(|v| v == "1") {
+            set(f, "cb_state", state::PENDING);
+            set(f, "cb_attempts", 0);
+            self.push_callback(id, false)?;
+            self.wake(Queue::Callback);
+        } else {
+            self.schedule_deletion(id, f, self.now.saturating_add(keep))?;
+        }
+        Ok(())
+    }
+
+    /// The next aggregation of the ready set after `cursor`, round robin.
+    fn next_ready(&self, cursor: &str) -> R<Option<String>> {
+        let after = self
+            .ready
+            .range::<&str>((Bound::Excluded(cursor), Bound::Unbounded))?
+            .next();
+        let e = match after {
+            Some(e) => Some(e),
+            None => self.ready.first()?.map(Ok),
+        };
+        match e {
+            None => Ok(None),
+            Some(e) => Ok(Some(e?.0.value().to_string())),
+        }
+    }
+}
+
+/// One queued write step: a transaction body and where its answer goes.
+trait Op: Send {
+    /// Runs the body in the batch's transaction, keeping its output. May run again
+    /// in a fresh transaction when another step of the batch failed.
+    fn apply(&mut self, w: &mut W<'_>) -> R<()>;
+    /// Sends the kept output, or `err`; called once the batch is committed (or
+    /// failed).
+    fn reply(self: Box<Self>, err: Option<StoreError>);
+}
+
+struct Step<T, F> {
+    body: F,
+    out: Option<T>,
+    reply: oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> Op for Step<T, F>
+where
+    T: Send,
+    F: FnMut(&mut W<'_>) -> R<T> + Send,
+{
+    fn apply(&mut self, w: &mut W<'_>) -> R<()> {
+        self.out = Some((self.body)(w)?);
+        Ok(())
+    }
+
+    fn reply(self: Box<Self>, err: Option<StoreError>) {
+        let r = match (err, self.out) {
+            (Some(e), _) => Err(e),
+            (None, Some(v)) => Ok(v),
+            (None, None) => Err(StoreError::Backend(
+                "embedded store: write step was not run".into(),
+            )),
+        };
+        // The caller may have gone away (its future dropped): nothing to tell.
+        let _ = self.reply.send(r);
+    }
+}
+
+/// The same error again, for each caller of a failed batch.
+fn dup(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Backend(m) => StoreError::Backend(m.clone()),
+        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
+    }
+}
+
+fn writer_stopped() -> StoreError {
+    StoreError::Backend("embedded store: the writer thread stopped".into())
+}
+
+/// The thread that owns every write transaction (group commit).
+struct Writer {
+    db: Arc<Database>,
+    notify: Arc<[Notify; 2]>,
+    steps: mpsc::Receiver<Box<dyn Op>>,
+    cursor: String,
+}
+
+impl Writer {
+    /// Until every sender is gone (the store was dropped) and the queue is drained:
+    /// takes what is queued, up to `MAX_GROUP` steps, and commits it at once.
+    fn run(mut self) {
+        while let Ok(first) = self.steps.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_GROUP {
+                match self.steps.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            // A panicking step drops the batch (its callers get an error) but not
+            // the writer.
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| self.batch(batch)));
+        }
+    }
+
+    /// Applies `ops` in order in one transaction, commits once, then answers each and
+    /// fires their wake-ups. A step that fails after writing is dropped from the
+    /// batch (answered with its error) and the others run again in a fresh
+    /// transaction, so that no partial step is ever committed.
+    fn batch(&mut self, mut ops: Vec<Box<dyn Op>>) {
+        loop {
+            let tx = match self.db.begin_write() {
+                Ok(tx) => tx,
+                Err(e) => return Self::fail_all(ops, Fail::from(e)),
+            };
+            let mut errs: Vec<Option<StoreError>> = Vec::with_capacity(ops.len());
+            let mut wake = [0usize; 2];
+            let mut dirty = false;
+            let mut broken = None;
+            {
+                let mut w = match W::open(&tx, std::mem::take(&mut self.cursor)) {
+                    Ok(w) => w,
+                    Err(e) => return Self::fail_all(ops, e),
+                };
+                for (i, op) in ops.iter_mut().enumerate() {
+                    w.begin_step();
+                    match op.apply(&mut w) {
+                        Ok(()) => {
+                            dirty |= w.dirty;
+                            for (n, q) in wake.iter_mut().zip(w.wake) {
+                                *n += usize::from(q);
+                            }
+                            errs.push(None);
+                        }
+                        // Failed before writing anything: only this step fails.
+                        Err(Fail::Store(e)) if !w.dirty => errs.push(Some(e)),
+                        Err(e) => {
+                            broken = Some((i, e));
+                            break;
+                        }
+                    }
+                }
+                self.cursor = std::mem::take(&mut w.cursor);
+            }
+            if let Some((i, e)) = broken {
+                let _ = tx.abort();
+                ops.remove(i).reply(Some(e.into()));
+                if ops.is_empty() {
+                    return;
+                }
+                continue;
+            }
+            let done = if dirty {
+                tx.commit().map_err(Fail::from)
+            } else {
+                tx.abort().map_err(Fail::from)
+            };
+            if let Err(e) = done {
+                return Self::fail_all(ops, e);
+            }
+            for (op, err) in ops.into_iter().zip(errs) {
+                op.reply(err);
+            }
+            for (n, notify) in wake.iter().zip(self.notify.iter()) {
+                for _ in 0..*n {
+                    notify.notify_one();
+                }
+            }
+            return;
+        }
+    }
+
+    fn fail_all(ops: Vec<Box<dyn Op>>, e: Fail) {
+        let e = StoreError::from(e);
+        for op in ops {
+            op.reply(Some(dup(&e)));
+        }
+    }
+}
+
+struct Inner {
+    db: Arc<Database>,
+    notify: Arc<[Notify; 2]>,
+    /// To the writer thread; `None` once dropping.
+    steps: Option<mpsc::Sender<Box<dyn Op>>>,
+    writer: Option<thread::JoinHandle<()>>,
+    worker: String,
+}
+
+impl Drop for Inner {
+    /// Closes the queue; the writer commits what is still queued, then exits.
+    fn drop(&mut self) {
+        self.steps.take();
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Inner {
+    fn read<T>(&self, f: impl FnOnce(&redb::ReadTransaction) -> R<T>) -> Result<T> {
+        let tx = self.db.begin_read().map_err(Fail::from)?;
+        Ok(f(&tx)?)
+    }
+}
+
+fn claimed(id: &str, f: &Fields, token: &str, proxy: String) -> R<Claimed> {
+    let job = JobRecord::from_fields(id, f).map_err(corrupt)?;
+    Ok(Claimed {
+        job,
+        token: token.to_string(),
+        proxy: (!proxy.is_empty()).then_some(proxy),
+    })
+}
+
+/// CLAIM_DOWNLOAD: up to `max` jobs (at least one attempt); with none, when the
+/// earliest delayed download is due.
+fn claim_downloads(
+    w: &mut W<'_>,
+    lease: u64,
+    token: &str,
+    max: usize,
+) -> R<(Vec<Claimed>, Option<Duration>)> {
+    let now = w.now;
+    for (at, id) in w.due(false, "dl")? {
+        w.delayed.remove(("dl", at, id.as_str()))?;
+        w.dirty = true;
+        let Some(mut f) = w.job(&id)? else { continue };
+        f.remove("dl_delayed_at");
+        let Some(a) = f.get("aggr").cloned() else {
+            w.put_job(&id, &f)?;
+            continue;
+        };
+        set(&mut f, "next_at", 0);
+        w.put_job(&id, &f)?;
+        w.push_pending(&a, &id, false)?;
+        w.refresh(&a)?;
+    }
+    for (exp, id) in w.due(true, "dl")? {
+        w.leases.remove(("dl", exp, id.as_str()))?;
+        w.dirty = true;
+        let Some(mut f) = w.job(&id)? else { continue };
+        f.remove("dl_lease_exp");
+        let Some(a) = f.get("aggr").cloned() else {
+            w.put_job(&id, &f)?;
+            continue;
+        };
+        f.remove("dl_lease");
+        incr(&mut f, "dl_attempts", -1);
+        let lost = incr(&mut f, "dl_lost", 1);
+        w.dec_inflight(&a)?;
+        if lost > MAX_LOST_LEASES {
+            set(&mut f, "dl_state", state::FAILED);
+            set(&mut f, "finished_at", now);
+            set(
+                &mut f,
+                "dl_error",
+                format!("download abandoned: the worker running it was lost {lost} times"),
+            );
+            w.enqueue_callback(&id, &mut f, ABANDONED_KEEP_MS)?;
+        } else {
+            set(&mut f, "dl_state", state::PENDING);
+            w.push_pending(&a, &id, true)?;
+        }
+        w.put_job(&id, &f)?;
+        w.refresh(&a)?;
+    }
+    let max = max.max(1);
+    let mut out = Vec::new();
+    let mut tries = 0;
+    while out.len() < max && tries < max + READY_TRIES {
+        tries += 1;
+        let Some(a) = w.next_ready(&w.cursor)? else {
+            break;
+        };
+        w.cursor.clone_from(&a);
+        let ag = w.aggr(&a)?;
+        if ag.inflight < ag.limit
+            && let Some(id) = w.pop_pending(&a)?
+        {
+            // A job forgotten while queued (Redis would hand out a record without a
+            // spec): drop the entry and look further.
+            let Some(mut f) = w.job(&id)? else {
+                w.refresh(&a)?;
+                continue;
+            };
+            let mut ag = w.aggr(&a)?;
+            ag.inflight += 1;
+            w.put_aggr(&a, &ag)?;
+            w.refresh(&a)?;
+            w.zadd(true, "dl", &id, &mut f, now.saturating_add(lease))?;
+            set(&mut f, "dl_state", state::IN_PROGRESS);
+            set(&mut f, "dl_lease", token);
+            set(&mut f, "started_at", now);
+            incr(&mut f, "dl_attempts", 1);
+            w.put_job(&id, &f)?;
+            out.push(claimed(&id, &f, token, ag.proxy)?);
+            continue;
+        }
+        w.refresh(&a)?;
+    }
+    let next_due = if out.is_empty() {
+        w.next_due("dl")?
+    } else {
+        None
+    };
+    Ok((out, next_due))
+}
+
+/// CLAIM_CALLBACK: up to `max` jobs (at least one attempt); with none, when the
+/// earliest delayed callback is due.
+fn claim_callbacks(
+    w: &mut W<'_>,
+    lease: u64,
+    token: &str,
+    max: usize,
+) -> R<(Vec<Claimed>, Option<Duration>)> {
+    let now = w.now;
+    for (at, id) in w.due(false, "cb")? {
+        w.delayed.remove(("cb", at, id.as_str()))?;
+        w.dirty = true;
+        let Some(mut f) = w.job(&id)? else { continue };
+        f.remove("cb_delayed_at");
+        set(&mut f, "next_at", 0);
+        w.put_job(&id, &f)?;
+        w.push_callback(&id, false)?;
+    }
+    for (exp, id) in w.due(true, "cb")? {
+        w.leases.remove(("cb", exp, id.as_str()))?;
+        w.dirty = true;
+        let Some(mut f) = w.job(&id)? else { continue };
+        f.remove("cb_lease_exp");
+        f.remove("cb_lease");
+        incr(&mut f, "cb_attempts", -1);
+        let lost = incr(&mut f, "cb_lost", 1);
+        if lost > MAX_LOST_LEASES {
+            set(&mut f, "cb_state", state::FAILED);
+            set(&mut f, "cb_at", now);
+            set(
+                &mut f,
+                "cb_error",
+                format!("callback abandoned: the worker running it was lost {lost} times"),
+            );
+        } else {
+            set(&mut f, "cb_state", state::PENDING);
+            w.push_callback(&id, true)?;
+        }
+        w.put_job(&id, &f)?;
+    }
+    let max = max.max(1);
+    let mut out = Vec::new();
+    while out.len() < max {
+        let Some(id) = w.pop_callback()? else { break };
+        let Some(mut f) = w.job(&id)? else { continue };
+        w.zadd(true, "cb", &id, &mut f, now.saturating_add(lease))?;
+        set(&mut f, "cb_state", state::IN_PROGRESS);
+        set(&mut f, "cb_lease", token);
+        incr(&mut f, "cb_attempts", 1);
+        w.put_job(&id, &f)?;
+        out.push(claimed(&id, &f, token, String::new())?);
+    }
+    let next_due = if out.is_empty() {
+        w.next_due("cb")?
+    } else {
+        None
+    };
+    Ok((out, next_due))
+}
+
+/// FINISH_CALLBACK: `st` is Success, Pending (retry after `delay`) or Failed.
+fn end_callback(w: &mut W<'_>, id: &str, token: &str, st: &str, err: &str, delay: u64) -> R<bool> {
+    let Some(mut f) = w.job(id)? else {
+        return Ok(false);
+    };
+    if !holds(&f, "cb", token) {
+        return Ok(false);
+    }
+    let now = w.now;
+    w.zrem(true, "cb", id, &mut f)?;
+    f.remove("cb_lease");
+    set(&mut f, "cb_state", st);
+    set(&mut f, "cb_error", err);
+    if st == state::SUCCESS {
+        set(&mut f, "cb_at", now);
+        w.schedule_deletion(id, &mut f, now.saturating_add(delay))?;
+    } else if st == state::PENDING {
+        let at = now.saturating_add(delay);
+        set(&mut f, "next_at", at);
+        w.zadd(false, "cb", id, &mut f, at)?;
+        w.wake(Queue::Callback);
+    } else {
+        set(&mut f, "cb_at", now);
+    }
+    w.put_job(id, &f)?;
+    Ok(true)
+}
+
+/// A [`Store`] in one local file, for a single process running every component.
+/// Cheap to clone; clones share the file and the wake-ups.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens the store file at `path`, creating it (and its parent directory) if
+    /// needed. Fails with a clear message when another process has it open.
+    pub fn open(path: &Path) -> Result<EmbeddedStore> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Backend(format!("cannot create directory {}: {e}", dir.display()))
+            })?;
+        }
+        let db = Database::create(path).map_err(|e| match e {
+            DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
+                "store file {} is in use by another process: separate processes need Redis, \
+                 or run `downloader serve`",
+                path.display()
+            )),
+            e => StoreError::Backend(format!("cannot open store file {}: {e}", path.display())),
+        })?;
+        let tx = db.begin_write().map_err(Fail::from)?;
+        {
+            tx.open_table(JOBS).map_err(Fail::from)?;
+            tx.open_table(AGGRS).map_err(Fail::from)?;
+            tx.open_table(PENDING).map_err(Fail::from)?;
+            tx.open_table(READY).map_err(Fail::from)?;
+            tx.open_table(ACTIVE).map_err(Fail::from)?;
+            tx.open_table(LEASES).map_err(Fail::from)?;
+            tx.open_table(DELAYED).map_err(Fail::from)?;
+            tx.open_table(CB_QUEUE).map_err(Fail::from)?;
+            tx.open_table(DELETIONS).map_err(Fail::from)?;
+            tx.open_table(STATS).map_err(Fail::from)?;
+        }
+        tx.commit().map_err(Fail::from)?;
+        let db = Arc::new(db);
+        let notify = Arc::new([Notify::new(), Notify::new()]);
+        let (steps, rx) = mpsc::channel();
+        let writer = Writer {
+            db: db.clone(),
+            notify: notify.clone(),
+            steps: rx,
+            cursor: String::new(),
+        };
+        let writer = thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| StoreError::Backend(format!("cannot start the store writer: {e}")))?;
+        Ok(EmbeddedStore {
+            inner: Arc::new(Inner {
+                db,
+                notify,
+                steps: Some(steps),
+                writer: Some(writer),
+                worker: crate::job::new_id(),
+            }),
+        })
+    }
+
+    /// Queues `body` for the writer thread and waits until the batch holding it is
+    /// committed (durable). `body` may run more than once (see [`Writer::batch`]).
+    async fn write<T, F>(&self, body: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut W<'_>) -> R<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let step = Box::new(Step {
+            body,
+            out: None,
+            reply,
+        });
+        self.inner
+            .steps
+            .as_ref()
+            .ok_or_else(writer_stopped)?
+            .send(step)
+            .map_err(|_| writer_stopped())?;
+        answer.await.map_err(|_| writer_stopped())?
+    }
+
+    /// Runs a blocking store step off the async runtime's worker threads.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Backend(format!("embedded store task failed: {e}")))?
+    }
+
+    fn token(&self) -> String {
+        format!("{}:{}", self.inner.worker, crate::job::new_id())
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn submit(&self, id: &str, spec: &JobSpec) -> Result<()> {
+        let json = serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (id, spec) = (id.to_string(), spec.clone());
+        self.write(move |w| {
+            if w.jobs.get(id.as_str())?.is_some() {
+                return Err(StoreError::Backend(format!("job id {id} already exists")).into());
+            }
+            let a = spec.aggr_id.as_str();
+            let mut ag = w.aggr(a)?;
+            ag.limit = i64::from(spec.aggr_limit);
+            ag.proxy = spec.aggr_proxy.clone().unwrap_or_default();
+            w.put_aggr(a, &ag)?;
+            let mut f = Fields::new();
+            set(&mut f, "spec", &json);
+            set(&mut f, "aggr", a);
+            set(
+                &mut f,
+                "has_cb",
+                if spec.callback.is_some() { 1 } else { 0 },
+            );
+            set(&mut f, "dl_state", state::PENDING);
+            set(&mut f, "dl_attempts", 0);
+            set(&mut f, "created_at", w.now);
+            w.put_job(&id, &f)?;
+            w.push_pending(a, &id, false)?;
+            if w.refresh(a)? {
+                w.wake(Queue::Download);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn claim_many(
+        &self,
+        queue: Queue,
+        lease: Duration,
+        max: usize,
+    ) -> Result<(Vec<Claimed>, Option<Duration>)> {
+        // One token for the batch, as in Redis: each lease is still checked per job.
+        let token = self.token();
+        let lease = millis(lease);
+        match queue {
+            Queue::Download => {
+                self.write(move |w| claim_downloads(w, lease, &token, max))
+                    .await
+            }
+            Queue::Callback => {
+                self.write(move |w| claim_callbacks(w, lease, &token, max))
+                    .await
+            }
+        }
+    }
+
+    async fn wait(&self, queue: Queue, timeout: Duration) -> Result<()> {
+        let notified = self.inner.notify[queue as usize].notified();
+        // Like BLPOP: Ok both when woken and when the timeout passes.
+        let _ = tokio::time::timeout(timeout, notified).await;
+        Ok(())
+    }
+
+    async fn renew(
+        &self,
+        queue: Queue,
+        held: &[(String, String)],
+        lease: Duration,
+    ) -> Result<Vec<bool>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let held = held.to_vec();
+        let lease = millis(lease);
+        let q = queue.name();
+        self.write(move |w| {
+            let expiry = w.now.saturating_add(lease);
+            let mut out = Vec::with_capacity(held.len());
+            for (id, token) in &held {
+                let Some(mut f) = w.job(id)? else {
+                    out.push(false);
+                    continue;
+                };
+                if !holds(&f, q, token) {
+                    out.push(false);
+                    continue;
+                }
+                // ZADD XX: only an existing lease entry is moved.
+                if f.contains_key(&format!("{q}_lease_exp")) {
+                    w.zadd(true, q, id, &mut f, expiry)?;
+                    w.put_job(id, &f)?;
+                }
+                out.push(true);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn finish_download(
+        &self,
+        id: &str,
+        token: &str,
+        r: &DownloadResult,
+        keep: Duration,
+    ) -> Result<bool> {
+        let (id, token, r, keep) = (id.to_string(), token.to_string(), r.clone(), millis(keep));
+        self.write(move |w| {
+            let Some(mut f) = w.job(&id)? else {
+                return Ok(false);
+            };
+            if !holds(&f, "dl", &token) {
+                return Ok(false);
+            }
+            let now = w.now;
+            w.zrem(true, "dl", &id, &mut f)?;
+            f.remove("dl_lease");
+            let st = if r.success {
+                state::SUCCESS
+            } else {
+                state::FAILED
+            };
+            set(&mut f, "dl_state", st);
+            set(&mut f, "dl_error", &r.error);
+            set(&mut f, "response_code", r.response_code);
+            set(&mut f, "image_size", &r.image_size);
+            set(&mut f, "thumbs", &r.thumbnails);
+            set(&mut f, "finished_at", now);
+            let a = f.get("aggr").cloned().unwrap_or_default();
+            w.free_slot(&a)?;
+            w.enqueue_callback(&id, &mut f, keep)?;
+            w.put_job(&id, &f)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn retry_download(
+        &self,
+        id: &str,
+        token: &str,
+        r: &DownloadResult,
+        delay: Duration,
+    ) -> Result<bool> {
+        let (id, token, r, delay) = (id.to_string(), token.to_string(), r.clone(), millis(delay));
+        self.write(move |w| {
+            let Some(mut f) = w.job(&id)? else {
+                return Ok(false);
+            };
+            if !holds(&f, "dl", &token) {
+                return Ok(false);
+            }
+            let at = w.now.saturating_add(delay);
+            w.zrem(true, "dl", &id, &mut f)?;
+            f.remove("dl_lease");
+            set(&mut f, "dl_state", state::PENDING);
+            set(&mut f, "dl_error", &r.error);
+            set(&mut f, "response_code", r.response_code);
+            set(&mut f, "next_at", at);
+            w.zadd(false, "dl", &id, &mut f, at)?;
+            let a = f.get("aggr").cloned().unwrap_or_default();
+            w.free_slot(&a)?;
+            // A sleeping processor re-reads the earliest due time.
+            w.wake(Queue::Download);
+            w.put_job(&id, &f)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn release(&self, queue: Queue, id: &str, token: &str) -> Result<bool> {
+        let (id, token) = (id.to_string(), token.to_string());
+        let q = queue.name();
+        self.write(move |w| {
+            let Some(mut f) = w.job(&id)? else {
+                return Ok(false);
+            };
+            if !holds(&f, q, &token) {
+                return Ok(false);
+            }
+            w.zrem(true, q, &id, &mut f)?;
+            f.remove(&format!("{q}_lease"));
+            let attempts = format!("{q}_attempts");
+            incr(&mut f, &attempts, -1);
+            set(&mut f, &format!("{q}_state"), state::PENDING);
+            w.put_job(&id, &f)?;
+            match queue {
+                Queue::Download => {
+                    let a = f.get("aggr").cloned().unwrap_or_default();
+                    w.push_pending(&a, &id, true)?;
+                    w.free_slot(&a)?;
+                }
+                Queue::Callback => {
+                    w.push_callback(&id, true)?;
+                    w.wake(Queue::Callback);
+                }
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn finish_callback(&self, id: &str, token: &str, keep: Duration) -> Result<bool> {
+        let (id, token, keep) = (id.to_string(), token.to_string(), millis(keep));
+        self.write(move |w| end_callback(w, &id, &token, state::SUCCESS, "", keep))
+            .await
+    }
+
+    async fn retry_callback(
+        &self,
+        id: &str,
+        token: &str,
+        error: &str,
+        delay: Duration,
+    ) -> Result<bool> {
+        let (id, token, error, delay) = (
+            id.to_string(),
+            token.to_string(),
+            error.to_string(),
+            millis(delay),
+        );
+        self.write(move |w| end_callback(w, &id, &token, state::PENDING, &error, delay))
+            .await
+    }
+
+    async fn fail_callback(&self, id: &str, token: &str, error: &str) -> Result<bool> {
+        let (id, token, error) = (id.to_string(), token.to_string(), error.to_string());
+        self.write(move |w| end_callback(w, &id, &token, state::FAILED, &error, 0))
+            .await
+    }
+
+    async fn requeue_callback(&self, id: &str) -> Result<RetryCallback> {
+        let id = id.to_string();
+        self.write(move |w| {
+            let Some(mut f) = w.job(&id)? else {
+                return Ok(RetryCallback::NotFound);
+            };
+            let st = f.get("cb_state").cloned().unwrap_or_default();
+            if st != state::FAILED {
+                return Ok(RetryCallback::NotFailed(st));
+            }
+            set(&mut f, "cb_state", state::PENDING);
+            set(&mut f, "cb_attempts", 0);
+            set(&mut f, "cb_lost", 0);
+            w.put_job(&id, &f)?;
+            w.push_callback(&id, false)?;
+            w.wake(Queue::Callback);
+            Ok(RetryCallback::Requeued)
+        })
+        .await
+    }
+
+    async fn due_deletions(&self, limit: usize) -> Result<Vec<String>> {
+        self.run(move |s| {
+            s.read(|tx| {
+                let now = now_ms();
+                let t = tx.open_table(DELETIONS)?;
+                let mut out = Vec::new();
+                if limit == 0 {
+                    return Ok(out);
+                }
+                for e in t.range((0u64, "")..(now.saturating_add(1), ""))? {
+                    out.push(e?.0.value().1.to_string());
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+                Ok(out)
+            })
+        })
+        .await
+    }
+
+    async fn forget(&self, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ids = ids.to_vec();
+        self.write(move |w| {
+            for id in &ids {
+                let Some(mut f) = w.job(id)? else { continue };
+                if let Some(at) = f.remove("del_at") {
+                    let at: u64 = at.parse().map_err(corrupt)?;
+                    w.deletions.remove((at, id.as_str()))?;
+                }
+                w.jobs.remove(id.as_str())?;
+                w.dirty = true;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_job(&self, id: &str) -> Result<Option<JobRecord>> {
+        let id = id.to_string();
+        self.run(move |s| {
+            s.read(|tx| {
+                let t = tx.open_table(JOBS)?;
+                let Some(v) = t.get(id.as_str())? else {
+                    return Ok(None);
+                };
+                let f: Fields = serde_json::from_str(v.value()).map_err(corrupt)?;
+                JobRecord::from_fields(&id, &f).map(Some).map_err(corrupt)
+            })
+        })
+        .await
+    }
+
+    async fn aggregations(&self) -> Result<Vec<(String, u64)>> {
+        self.run(|s| {
+            s.read(|tx| {
+                let active = tx.open_table(ACTIVE)?;
+                let aggrs = tx.open_table(AGGRS)?;
+                let mut out = Vec::new();
+                for e in active.iter()? {
+                    let name = e?.0.value().to_string();
+                    let n = match aggrs.get(name.as_str())? {
+                        Some(v) => {
+                            serde_json::from_str::<Aggr>(v.value())
+                                .map_err(corrupt)?
+                                .pending
+                        }
+                        None => 0,
+                    };
+                    if n > 0 {
+                        out.push((name, n));
+                    }
+                }
+                out.sort();
+                Ok(out)
+            })
+        })
+        .await
+    }
+
+    async fn put_stats(&self, component: &str, json: &str, ttl: Duration) -> Result<()> {
+        let ttl = millis(ttl);
+        if ttl == 0 {
+            // As Redis' PSETEX answers.
+            return Err(StoreError::Backend(
+                "invalid expire time in 'psetex' command".into(),
+            ));
+        }
+        let (component, json) = (component.to_string(), json.to_string());
+        self.write(move |w| {
+            let exp = w.now.saturating_add(ttl);
+            w.stats.insert(component.as_str(), (exp, json.as_str()))?;
+            w.dirty = true;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_stats(&self, component: &str) -> Result<Option<String>> {
+        let component = component.to_string();
+        self.run(move |s| {
+            s.read(|tx| {
+                let t = tx.open_table(STATS)?;
+                let Some(v) = t.get(component.as_str())? else {
+                    return Ok(None);
+                };
+                let (exp, json) = v.value();
+                Ok((now_ms() <= exp).then(|| json.to_string()))
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Answer<T> = oneshot::Receiver<Result<T>>;
+
+    fn step<T, F>(body: F) -> (Box<dyn Op>, Answer<T>)
+    where
+        T: Send + 'static,
+        F: FnMut(&mut W<'_>) -> R<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let op = Box::new(Step {
+            body,
+            out: None,
+            reply,
+        });
+        (op, answer)
+    }
+
+    fn put(w: &mut W<'_>, k: &'static str) -> R<()> {
+        w.stats.insert(k, (u64::MAX, "x"))?;
+        w.dirty = true;
+        Ok(())
+    }
+
+    /// A step that fails after writing is rolled back alone; one that fails before
+    /// writing fails alone; the others of the batch are committed, in one commit.
+    #[test]
+    fn a_failed_step_leaves_no_partial_write_in_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
+        let (_tx, rx) = mpsc::channel();
+        let mut writer = Writer {
+            db: db.clone(),
+            notify: Arc::new([Notify::new(), Notify::new()]),
+            steps: rx,
+            cursor: String::new(),
+        };
+        let (s1, a1) = step(|w| put(w, "a").map(|()| 1));
+        let (s2, a2) = step(|w| -> R<u32> {
+            put(w, "b")?;
+            Err(corrupt("boom"))
+        });
+        let (s3, a3) = step(|w| put(w, "c").map(|()| 3));
+        let (s4, a4) = step(|_| -> R<u32> { Err(StoreError::Backend("refused".into()).into()) });
+        writer.batch(vec![s1, s2, s3, s4]);
+        assert_eq!(a1.blocking_recv().unwrap().unwrap(), 1);
+        assert!(matches!(
+            a2.blocking_recv().unwrap(),
+            Err(StoreError::Corrupt(m)) if m == "boom"
+        ));
+        assert_eq!(a3.blocking_recv().unwrap().unwrap(), 3);
+        assert!(matches!(
+            a4.blocking_recv().unwrap(),
+            Err(StoreError::Backend(m)) if m == "refused"
+        ));
+        let tx = db.begin_read().unwrap();
+        let t = tx.open_table(STATS).unwrap();
+        assert!(t.get("a").unwrap().is_some());
+        assert!(
+            t.get("b").unwrap().is_none(),
+            "the failed step was rolled back"
+        );
+        assert!(t.get("c").unwrap().is_some());
+    }
+
+    /// Steps still queued when the store is dropped are committed before the file is
+    /// closed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drop_commits_what_is_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let s = EmbeddedStore::open(&path).unwrap();
+        let mut answers = Vec::new();
+        for i in 0..200u64 {
+            let (op, a) = step(move |w| {
+                let k = format!("k{i}");
+                w.stats.insert(k.as_str(), (u64::MAX, "x"))?;
+                w.dirty = true;
+                Ok(())
+            });
+            s.inner.steps.as_ref().unwrap().send(op).unwrap();
+            answers.push(a);
+        }
+        drop(s);
+        for a in answers {
+            a.await.unwrap().unwrap();
+        }
+        let s = EmbeddedStore::open(&path).unwrap();
+        for i in 0..200 {
+            assert!(s.get_stats(&format!("k{i}")).await.unwrap().is_some());
+        }
+    }
+}

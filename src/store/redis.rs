@@ -1,0 +1,757 @@
+//! Redis backend of [`Store`]. Every multi-key step is one Lua script, so each is
+//! atomic across any number of processes sharing the server. Scripts read the clock
+//! with `TIME`, so machines with skewed clocks still agree on lease expiry.
+//!
+//! Keys are listed in ARCHITECTURE.md. Scripts build key names at run time, so this
+//! backend needs a standalone Redis (not Redis Cluster).
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script, Value};
+use tokio::sync::Mutex;
+
+use super::{Claimed, DownloadResult, Queue, Result, RetryCallback, Store, StoreError, millis};
+use crate::config::RedisConfig;
+use crate::job::{JobRecord, JobSpec};
+
+/// Leases a job may lose to dead workers before it is failed instead of retried, so
+/// that a file that crashes the processor cannot loop forever.
+const MAX_LOST_LEASES: u32 = 5;
+
+/// Shared by every script: key helpers, the clock, the ready-set rule and wake-ups.
+const PRELUDE: &str = r#"
+local P = KEYS[1]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function n2s(x) return string.format('%d', x) end
+local function wake(q)
+  redis.call('LPUSH', P..'wake:'..q, '1')
+  redis.call('LTRIM', P..'wake:'..q, 0, 15)
+end
+-- Invariant: an aggregation is in `ready` iff it has pending jobs and fewer
+-- downloads in flight than its limit; it is in `aggrs` iff it has pending jobs.
+local function refresh(a)
+  local ak = P..'aggr:'..a
+  local limit = tonumber(redis.call('HGET', ak, 'limit') or '1')
+  local inflight = tonumber(redis.call('HGET', ak, 'inflight') or '0')
+  local len = redis.call('LLEN', P..'pending:'..a)
+  if len > 0 then redis.call('SADD', P..'aggrs', a) else redis.call('SREM', P..'aggrs', a) end
+  if len > 0 and inflight < limit then
+    redis.call('SADD', P..'ready', a)
+    return true
+  end
+  redis.call('SREM', P..'ready', a)
+  return false
+end
+local function free_slot(a)
+  local ak = P..'aggr:'..a
+  if redis.call('HINCRBY', ak, 'inflight', -1) < 0 then redis.call('HSET', ak, 'inflight', 0) end
+  if refresh(a) then wake('dl') end
+end
+local function enqueue_callback(id, now, keep)
+  local k = P..'job:'..id
+  if redis.call('HGET', k, 'has_cb') == '1' then
+    redis.call('HSET', k, 'cb_state', 'Pending', 'cb_attempts', 0)
+    redis.call('RPUSH', P..'cb:queue', id)
+    wake('cb')
+  else
+    redis.call('ZADD', P..'deletions', n2s(now + keep), id)
+  end
+end
+"#;
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}\n{body}"))
+}
+
+static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local id, spec, a, limit, proxy, has_cb = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local k = P..'job:'..id
+if redis.call('EXISTS', k) == 1 then return 0 end
+redis.call('HSET', P..'aggr:'..a, 'limit', limit, 'proxy', proxy)
+redis.call('HSET', k, 'spec', spec, 'aggr', a, 'has_cb', has_cb, 'dl_state', 'Pending',
+  'dl_attempts', 0, 'created_at', n2s(now_ms()))
+redis.call('RPUSH', P..'pending:'..a, id)
+if refresh(a) then wake('dl') end
+return 1
+"#,
+    )
+});
+
+static CLAIM_DOWNLOAD: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local lease, token, max_lost, keep, max = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = now_ms()
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P..'dl:delayed', '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', P..'dl:delayed', id)
+  local a = redis.call('HGET', P..'job:'..id, 'aggr')
+  if a then
+    redis.call('HSET', P..'job:'..id, 'next_at', 0)
+    redis.call('RPUSH', P..'pending:'..a, id)
+    refresh(a)
+  end
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P..'dl:leases', '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', P..'dl:leases', id)
+  local k = P..'job:'..id
+  local a = redis.call('HGET', k, 'aggr')
+  if a then
+    redis.call('HDEL', k, 'dl_lease')
+    redis.call('HINCRBY', k, 'dl_attempts', -1)
+    local lost = redis.call('HINCRBY', k, 'dl_lost', 1)
+    local ak = P..'aggr:'..a
+    if redis.call('HINCRBY', ak, 'inflight', -1) < 0 then redis.call('HSET', ak, 'inflight', 0) end
+    if lost > max_lost then
+      redis.call('HSET', k, 'dl_state', 'Failed', 'finished_at', n2s(now),
+        'dl_error', 'download abandoned: the worker running it was lost ' .. lost .. ' times')
+      enqueue_callback(id, now, keep)
+    else
+      redis.call('HSET', k, 'dl_state', 'Pending')
+      redis.call('LPUSH', P..'pending:'..a, id)
+    end
+    refresh(a)
+  end
+end
+local out = {}
+local tries = 0
+while #out < max and tries < max + 16 do
+  tries = tries + 1
+  local a = redis.call('SRANDMEMBER', P..'ready')
+  if not a then break end
+  local ak = P..'aggr:'..a
+  local limit = tonumber(redis.call('HGET', ak, 'limit') or '1')
+  local inflight = tonumber(redis.call('HGET', ak, 'inflight') or '0')
+  local id = false
+  if inflight < limit then id = redis.call('LPOP', P..'pending:'..a) end
+  if id then
+    redis.call('HINCRBY', ak, 'inflight', 1)
+    local k = P..'job:'..id
+    redis.call('ZADD', P..'dl:leases', n2s(now + lease), id)
+    redis.call('HSET', k, 'dl_state', 'InProgress', 'dl_lease', token, 'started_at', n2s(now))
+    redis.call('HINCRBY', k, 'dl_attempts', 1)
+    out[#out + 1] = {id, redis.call('HGETALL', k), redis.call('HGET', ak, 'proxy') or ''}
+  end
+  refresh(a)
+end
+if #out > 0 then return {'jobs', out} end
+local nxt = redis.call('ZRANGE', P..'dl:delayed', 0, 0, 'WITHSCORES')
+if nxt[2] then return {'empty', n2s(math.max(0, tonumber(nxt[2]) - now))} end
+return {'empty', '-1'}
+"#,
+    )
+});
+
+static CLAIM_CALLBACK: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local lease, token, max_lost, max = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local now = now_ms()
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P..'cb:delayed', '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', P..'cb:delayed', id)
+  if redis.call('EXISTS', P..'job:'..id) == 1 then
+    redis.call('HSET', P..'job:'..id, 'next_at', 0)
+    redis.call('RPUSH', P..'cb:queue', id)
+  end
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P..'cb:leases', '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', P..'cb:leases', id)
+  local k = P..'job:'..id
+  if redis.call('EXISTS', k) == 1 then
+    redis.call('HDEL', k, 'cb_lease')
+    redis.call('HINCRBY', k, 'cb_attempts', -1)
+    local lost = redis.call('HINCRBY', k, 'cb_lost', 1)
+    if lost > max_lost then
+      redis.call('HSET', k, 'cb_state', 'Failed', 'cb_at', n2s(now),
+        'cb_error', 'callback abandoned: the worker running it was lost ' .. lost .. ' times')
+    else
+      redis.call('HSET', k, 'cb_state', 'Pending')
+      redis.call('LPUSH', P..'cb:queue', id)
+    end
+  end
+end
+local out = {}
+while #out < max do
+  local id = redis.call('LPOP', P..'cb:queue')
+  if not id then break end
+  local k = P..'job:'..id
+  if redis.call('EXISTS', k) == 1 then
+    redis.call('ZADD', P..'cb:leases', n2s(now + lease), id)
+    redis.call('HSET', k, 'cb_state', 'InProgress', 'cb_lease', token)
+    redis.call('HINCRBY', k, 'cb_attempts', 1)
+    out[#out + 1] = {id, redis.call('HGETALL', k), ''}
+  end
+end
+if #out > 0 then return {'jobs', out} end
+local nxt = redis.call('ZRANGE', P..'cb:delayed', 0, 0, 'WITHSCORES')
+if nxt[2] then return {'empty', n2s(math.max(0, tonumber(nxt[2]) - now))} end
+return {'empty', '-1'}
+"#,
+    )
+});
+
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local q, lease = ARGV[1], tonumber(ARGV[2])
+local expiry = n2s(now_ms() + lease)
+local out = {}
+for i = 3, #ARGV, 2 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  if redis.call('HGET', P..'job:'..id, q..'_lease') == token then
+    redis.call('ZADD', P..q..':leases', 'XX', expiry, id)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"#,
+    )
+});
+
+static FINISH_DOWNLOAD: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local id, token, st, err, code, size, keep, thumbs = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local k = P..'job:'..id
+if redis.call('HGET', k, 'dl_lease') ~= token then return 0 end
+local now = now_ms()
+redis.call('ZREM', P..'dl:leases', id)
+redis.call('HDEL', k, 'dl_lease')
+redis.call('HSET', k, 'dl_state', st, 'dl_error', err, 'response_code', code, 'image_size', size,
+  'thumbs', thumbs, 'finished_at', n2s(now))
+free_slot(redis.call('HGET', k, 'aggr'))
+enqueue_callback(id, now, keep)
+return 1
+"#,
+    )
+});
+
+static RETRY_DOWNLOAD: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local id, token, err, code, delay = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local k = P..'job:'..id
+if redis.call('HGET', k, 'dl_lease') ~= token then return 0 end
+local at = n2s(now_ms() + delay)
+redis.call('ZREM', P..'dl:leases', id)
+redis.call('HDEL', k, 'dl_lease')
+redis.call('HSET', k, 'dl_state', 'Pending', 'dl_error', err, 'response_code', code, 'next_at', at)
+redis.call('ZADD', P..'dl:delayed', at, id)
+free_slot(redis.call('HGET', k, 'aggr'))
+-- A sleeping processor re-reads the earliest due time.
+wake('dl')
+return 1
+"#,
+    )
+});
+
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local q, id, token = ARGV[1], ARGV[2], ARGV[3]
+local k = P..'job:'..id
+if redis.call('HGET', k, q..'_lease') ~= token then return 0 end
+redis.call('ZREM', P..q..':leases', id)
+redis.call('HDEL', k, q..'_lease')
+redis.call('HINCRBY', k, q..'_attempts', -1)
+redis.call('HSET', k, q..'_state', 'Pending')
+if q == 'dl' then
+  local a = redis.call('HGET', k, 'aggr')
+  redis.call('LPUSH', P..'pending:'..a, id)
+  free_slot(a)
+else
+  redis.call('LPUSH', P..'cb:queue', id)
+  wake('cb')
+end
+return 1
+"#,
+    )
+});
+
+static FINISH_CALLBACK: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local id, token, st, err, delay = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local k = P..'job:'..id
+if redis.call('HGET', k, 'cb_lease') ~= token then return 0 end
+local now = now_ms()
+redis.call('ZREM', P..'cb:leases', id)
+redis.call('HDEL', k, 'cb_lease')
+redis.call('HSET', k, 'cb_state', st, 'cb_error', err)
+if st == 'Success' then
+  redis.call('HSET', k, 'cb_at', n2s(now))
+  redis.call('ZADD', P..'deletions', n2s(now + delay), id)
+elseif st == 'Pending' then
+  redis.call('HSET', k, 'next_at', n2s(now + delay))
+  redis.call('ZADD', P..'cb:delayed', n2s(now + delay), id)
+  wake('cb')
+else
+  redis.call('HSET', k, 'cb_at', n2s(now))
+end
+return 1
+"#,
+    )
+});
+
+static REQUEUE_CALLBACK: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local k = P..'job:'..ARGV[1]
+if redis.call('EXISTS', k) == 0 then return 'notfound' end
+local st = redis.call('HGET', k, 'cb_state') or ''
+if st ~= 'Failed' then return 'state:' .. st end
+redis.call('HSET', k, 'cb_state', 'Pending', 'cb_attempts', 0, 'cb_lost', 0)
+redis.call('RPUSH', P..'cb:queue', ARGV[1])
+wake('cb')
+return 'ok'
+"#,
+    )
+});
+
+static DUE_DELETIONS: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+return redis.call('ZRANGEBYSCORE', P..'deletions', '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[1]))
+"#,
+    )
+});
+
+/// A Redis server shared by any number of components.
+pub struct RedisStore {
+    /// `<key_prefix>:`
+    prefix: String,
+    conn: ConnectionManager,
+    /// One dedicated connection per queue for BLPOP, which would stall the
+    /// multiplexed connection's other commands.
+    waiters: [Mutex<Option<ConnectionManager>>; 2],
+    client: redis::Client,
+    timeout: Duration,
+    worker: String,
+}
+
+fn backend(e: redis::RedisError) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl RedisStore {
+    pub async fn connect(cfg: &RedisConfig) -> Result<RedisStore> {
+        let addr = if cfg.addr.contains("://") {
+            cfg.addr.clone()
+        } else {
+            format!("redis://{}/{}", cfg.addr, cfg.db)
+        };
+        let mut info: redis::ConnectionInfo =
+            redis::IntoConnectionInfo::into_connection_info(addr.as_str())
+                .map_err(|e| StoreError::Backend(format!("redis.addr {:?}: {e}", cfg.addr)))?;
+        if let Some(pw) = &cfg.password {
+            let settings = info.redis_settings().clone().set_password(pw.clone());
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info).map_err(backend)?;
+        let timeout = Duration::from_millis(cfg.timeout_ms);
+        let conn = Self::manager(&client, timeout, timeout).await?;
+        Ok(RedisStore {
+            prefix: format!("{}:", cfg.key_prefix),
+            conn,
+            waiters: [Mutex::new(None), Mutex::new(None)],
+            client,
+            timeout,
+            worker: crate::job::new_id(),
+        })
+    }
+
+    async fn manager(
+        client: &redis::Client,
+        connect: Duration,
+        response: Duration,
+    ) -> Result<ConnectionManager> {
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect))
+            .set_response_timeout(Some(response))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        tokio::time::timeout(connect * 2, client.get_connection_manager_with_config(cfg))
+            .await
+            .map_err(|_| {
+                StoreError::Backend(format!(
+                    "cannot connect to Redis at {}: timed out",
+                    client.get_connection_info().addr()
+                ))
+            })?
+            .map_err(|e| {
+                StoreError::Backend(format!(
+                    "cannot connect to Redis at {}: {e}",
+                    client.get_connection_info().addr()
+                ))
+            })
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.prefix)
+    }
+
+    fn token(&self) -> String {
+        format!("{}:{}", self.worker, crate::job::new_id())
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        inv: &mut redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        let mut conn = self.conn.clone();
+        inv.invoke_async(&mut conn).await.map_err(backend)
+    }
+}
+
+fn fields(v: Value) -> Result<BTreeMap<String, String>> {
+    redis::from_redis_value(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn text(v: &Value) -> Result<String> {
+    redis::from_redis_value_ref(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Parses a claim script's reply: `{'jobs', {{id, fields, proxy}, ...}}` or
+/// `{'empty', ms until the next delayed entry or -1}`.
+fn parse_claims(v: Value, token: &str) -> Result<(Vec<Claimed>, Option<Duration>)> {
+    let bad = || StoreError::Corrupt("unexpected claim reply".into());
+    let Value::Array(mut parts) = v else {
+        return Err(bad());
+    };
+    if parts.len() != 2 {
+        return Err(bad());
+    }
+    let body = parts.pop().ok_or_else(bad)?;
+    match text(&parts[0])?.as_str() {
+        "empty" => {
+            let ms: i64 = text(&body)?.parse().unwrap_or(-1);
+            Ok((
+                Vec::new(),
+                (ms >= 0).then(|| Duration::from_millis(ms as u64)),
+            ))
+        }
+        "jobs" => {
+            let Value::Array(jobs) = body else {
+                return Err(bad());
+            };
+            let mut out = Vec::with_capacity(jobs.len());
+            for j in jobs {
+                let Value::Array(mut f) = j else {
+                    return Err(bad());
+                };
+                if f.len() != 3 {
+                    return Err(bad());
+                }
+                let proxy = text(&f[2])?;
+                let id = text(&f[0])?;
+                let map = fields(f.swap_remove(1))?;
+                let job = JobRecord::from_fields(&id, &map).map_err(StoreError::Corrupt)?;
+                out.push(Claimed {
+                    job,
+                    token: token.to_string(),
+                    proxy: (!proxy.is_empty()).then_some(proxy),
+                });
+            }
+            Ok((out, None))
+        }
+        _ => Err(bad()),
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn submit(&self, id: &str, spec: &JobSpec) -> Result<()> {
+        let json = serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let created: i64 = self
+            .run(
+                SUBMIT
+                    .key(&self.prefix)
+                    .arg(id)
+                    .arg(json)
+                    .arg(&spec.aggr_id)
+                    .arg(spec.aggr_limit)
+                    .arg(spec.aggr_proxy.as_deref().unwrap_or(""))
+                    .arg(if spec.callback.is_some() { "1" } else { "0" }),
+            )
+            .await?;
+        if created == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Backend(format!("job id {id} already exists")))
+        }
+    }
+
+    async fn claim_many(
+        &self,
+        queue: Queue,
+        lease: Duration,
+        max: usize,
+    ) -> Result<(Vec<Claimed>, Option<Duration>)> {
+        // One token for the batch: each lease is still checked per job.
+        let token = self.token();
+        let reply: Value = match queue {
+            Queue::Download => {
+                // A job without a callback whose worker was lost for good is deleted
+                // after a day; every job has a callback today.
+                self.run(
+                    CLAIM_DOWNLOAD
+                        .key(&self.prefix)
+                        .arg(millis(lease))
+                        .arg(&token)
+                        .arg(MAX_LOST_LEASES)
+                        .arg(86_400_000u64)
+                        .arg(max.max(1)),
+                )
+                .await?
+            }
+            Queue::Callback => {
+                self.run(
+                    CLAIM_CALLBACK
+                        .key(&self.prefix)
+                        .arg(millis(lease))
+                        .arg(&token)
+                        .arg(MAX_LOST_LEASES)
+                        .arg(max.max(1)),
+                )
+                .await?
+            }
+        };
+        parse_claims(reply, &token)
+    }
+
+    async fn wait(&self, queue: Queue, timeout: Duration) -> Result<()> {
+        let slot = &self.waiters[queue as usize];
+        let mut guard = slot.lock().await;
+        if guard.is_none() {
+            // BLPOP holds the connection for up to `timeout`; the response timeout
+            // must outlast it.
+            *guard =
+                Some(Self::manager(&self.client, self.timeout, Duration::from_secs(3600)).await?);
+        }
+        let conn = guard.as_mut().expect("set above");
+        let secs = timeout.as_secs_f64().max(0.01);
+        let key = self.key(&format!("wake:{}", queue.name()));
+        let fut = conn.blpop::<_, Option<(String, String)>>(key, secs);
+        match tokio::time::timeout(timeout + self.timeout, fut).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(backend(e)),
+            Err(_) => {
+                // The server did not answer in time: drop the connection so a stale
+                // reply cannot be read by the next call.
+                *guard = None;
+                Err(StoreError::Backend("BLPOP timed out".into()))
+            }
+        }
+    }
+
+    async fn renew(
+        &self,
+        queue: Queue,
+        held: &[(String, String)],
+        lease: Duration,
+    ) -> Result<Vec<bool>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = RENEW.key(&self.prefix);
+        inv.arg(queue.name()).arg(millis(lease));
+        for (id, token) in held {
+            inv.arg(id).arg(token);
+        }
+        let out: Vec<i64> = self.run(&mut inv).await?;
+        Ok(out.into_iter().map(|v| v == 1).collect())
+    }
+
+    async fn finish_download(
+        &self,
+        id: &str,
+        token: &str,
+        r: &DownloadResult,
+        keep: Duration,
+    ) -> Result<bool> {
+        let st = if r.success {
+            crate::job::state::SUCCESS
+        } else {
+            crate::job::state::FAILED
+        };
+        let ok: i64 = self
+            .run(
+                FINISH_DOWNLOAD
+                    .key(&self.prefix)
+                    .arg(id)
+                    .arg(token)
+                    .arg(st)
+                    .arg(&r.error)
+                    .arg(r.response_code)
+                    .arg(&r.image_size)
+                    .arg(millis(keep))
+                    .arg(&r.thumbnails),
+            )
+            .await?;
+        Ok(ok == 1)
+    }
+
+    async fn retry_download(
+        &self,
+        id: &str,
+        token: &str,
+        r: &DownloadResult,
+        delay: Duration,
+    ) -> Result<bool> {
+        let ok: i64 = self
+            .run(
+                RETRY_DOWNLOAD
+                    .key(&self.prefix)
+                    .arg(id)
+                    .arg(token)
+                    .arg(&r.error)
+                    .arg(r.response_code)
+                    .arg(millis(delay)),
+            )
+            .await?;
+        Ok(ok == 1)
+    }
+
+    async fn release(&self, queue: Queue, id: &str, token: &str) -> Result<bool> {
+        let ok: i64 = self
+            .run(
+                RELEASE
+                    .key(&self.prefix)
+                    .arg(queue.name())
+                    .arg(id)
+                    .arg(token),
+            )
+            .await?;
+        Ok(ok == 1)
+    }
+
+    async fn finish_callback(&self, id: &str, token: &str, keep: Duration) -> Result<bool> {
+        self.end_callback(id, token, crate::job::state::SUCCESS, "", keep)
+            .await
+    }
+
+    async fn retry_callback(
+        &self,
+        id: &str,
+        token: &str,
+        error: &str,
+        delay: Duration,
+    ) -> Result<bool> {
+        self.end_callback(id, token, crate::job::state::PENDING, error, delay)
+            .await
+    }
+
+    async fn fail_callback(&self, id: &str, token: &str, error: &str) -> Result<bool> {
+        self.end_callback(id, token, crate::job::state::FAILED, error, Duration::ZERO)
+            .await
+    }
+
+    async fn requeue_callback(&self, id: &str) -> Result<RetryCallback> {
+        let r: String = self.run(REQUEUE_CALLBACK.key(&self.prefix).arg(id)).await?;
+        Ok(match r.as_str() {
+            "ok" => RetryCallback::Requeued,
+            "notfound" => RetryCallback::NotFound,
+            s => RetryCallback::NotFailed(s.trim_start_matches("state:").to_string()),
+        })
+    }
+
+    async fn due_deletions(&self, limit: usize) -> Result<Vec<String>> {
+        self.run(DUE_DELETIONS.key(&self.prefix).arg(limit)).await
+    }
+
+    async fn forget(&self, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for id in ids {
+            pipe.del(self.key(&format!("job:{id}"))).ignore();
+        }
+        pipe.zrem(self.key("deletions"), ids).ignore();
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(backend)
+    }
+
+    async fn get_job(&self, id: &str) -> Result<Option<JobRecord>> {
+        let mut conn = self.conn.clone();
+        let map: BTreeMap<String, String> = conn
+            .hgetall(self.key(&format!("job:{id}")))
+            .await
+            .map_err(backend)?;
+        if map.is_empty() {
+            return Ok(None);
+        }
+        JobRecord::from_fields(id, &map)
+            .map(Some)
+            .map_err(StoreError::Corrupt)
+    }
+
+    async fn aggregations(&self) -> Result<Vec<(String, u64)>> {
+        let mut conn = self.conn.clone();
+        let names: Vec<String> = conn.smembers(self.key("aggrs")).await.map_err(backend)?;
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for n in &names {
+            pipe.llen(self.key(&format!("pending:{n}")));
+        }
+        let sizes: Vec<u64> = pipe.query_async(&mut conn).await.map_err(backend)?;
+        let mut out: Vec<(String, u64)> = names
+            .into_iter()
+            .zip(sizes)
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    async fn put_stats(&self, component: &str, json: &str, ttl: Duration) -> Result<()> {
+        let mut conn = self.conn.clone();
+        conn.pset_ex::<_, _, ()>(self.key(&format!("stats:{component}")), json, millis(ttl))
+            .await
+            .map_err(backend)
+    }
+
+    async fn get_stats(&self, component: &str) -> Result<Option<String>> {
+        let mut conn = self.conn.clone();
+        conn.get(self.key(&format!("stats:{component}")))
+            .await
+            .map_err(backend)
+    }
+}
+
+impl RedisStore {
+    async fn end_callback(
+        &self,
+        id: &str,
+        token: &str,
+        state: &str,
+        error: &str,
+        delay: Duration,
+    ) -> Result<bool> {
+        let ok: i64 = self
+            .run(
+                FINISH_CALLBACK
+                    .key(&self.prefix)
+                    .arg(id)
+                    .arg(token)
+                    .arg(state)
+                    .arg(error)
+                    .arg(millis(delay)),
+            )
+            .await?;
+        Ok(ok == 1)
+    }
+}

@@ -1,0 +1,758 @@
+//! DC-only JPEG decoding: an exact 1/8-scale image (each pixel is the mean of one 8×8
+//! block) from the DC coefficients alone. AC coefficients are Huffman-decoded only to be
+//! skipped (sequential files) or not read at all (the AC scans of progressive files).
+//!
+//! This parses untrusted bytes, so: every length and index is checked (safe Rust, no
+//! `unsafe`), and anything unusual returns `None` so that the caller falls back to the full
+//! decoder: arithmetic coding, lossless/hierarchical, 12-bit, more than 3 components,
+//! RGB-coded 3-component files, sampling factors other than 1 or 2 (or not dividing the
+//! maximum), non-interleaved sequential scans of a multi-component image, premature ends
+//! of data, a missing end-of-image marker, any Huffman code error.
+
+/// A decoded 1/8-scale image: `channels` is 1 (grey) or 3 (RGB), row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DcImage {
+    pub width: u32,
+    pub height: u32,
+    pub channels: u8,
+    pub data: Vec<u8>,
+}
+
+const MAX_COMPONENTS: usize = 3;
+
+struct Huffman {
+    /// Fast table indexed by the next 9 bits: (len << 8) | value, 0 = not in table.
+    fast: [u16; 512],
+    /// For AC tables: next 9 bits → code length + magnitude bits (low 4 bits) and how far
+    /// the coefficient index advances (bits 4..9; 0 = end of block); 0 = use the slow path.
+    fast_ac: [u16; 512],
+    maxcode: [i32; 18],
+    valptr: [i32; 17],
+    mincode: [i32; 17],
+    vals: Vec<u8>,
+}
+
+impl Huffman {
+    fn new(counts: &[u8; 16], vals: &[u8]) -> Option<Huffman> {
+        let total: usize = counts.iter().map(|&c| c as usize).sum();
+        if total == 0 || total > 256 || total != vals.len() {
+            return None;
+        }
+        let mut h = Huffman {
+            fast: [0; 512],
+            fast_ac: [0; 512],
+            maxcode: [-1; 18],
+            valptr: [0; 17],
+            mincode: [0; 17],
+            vals: vals.to_vec(),
+        };
+        let mut code: u32 = 0;
+        let mut k = 0usize;
+        for len in 1..=16usize {
+            let n = counts[len - 1] as usize;
+            if n > 0 {
+                h.valptr[len] = k as i32;
+                h.mincode[len] = code as i32;
+                for _ in 0..n {
+                    if code >= (1u32 << len) {
+                        return None;
+                    }
+                    if len <= 9 {
+                        let shift = 9 - len;
+                        let start = (code << shift) as usize;
+                        let end = ((code + 1) << shift) as usize;
+                        for e in &mut h.fast[start..end] {
+                            *e = ((len as u16) << 8) | vals[k] as u16;
+                        }
+                    }
+                    code += 1;
+                    k += 1;
+                }
+                h.maxcode[len] = code as i32 - 1;
+            }
+            code <<= 1;
+        }
+        h.maxcode[17] = i32::MAX;
+        for i in 0..512 {
+            let f = h.fast[i];
+            if f == 0 {
+                continue;
+            }
+            let len = f >> 8;
+            let rs = f & 0xFF;
+            let (r, sz) = (rs >> 4, rs & 15);
+            if len + sz > 9 {
+                continue;
+            }
+            let advance = match (r, sz) {
+                (0, 0) => 0,   // end of block
+                (15, 0) => 16, // sixteen zeros
+                (_, 0) => continue,
+                _ => r + 1,
+            };
+            h.fast_ac[i] = (len + sz) | (advance << 4);
+        }
+        Some(h)
+    }
+}
+
+/// Bit reader over entropy-coded data with 0xFF00 unstuffing; stops at a marker and
+/// then feeds zeros, counting them so that reading past the real data can be detected.
+struct Bits<'a> {
+    d: &'a [u8],
+    pos: usize,
+    acc: u64,
+    n: u32,
+    /// Zero bytes fed after a marker or the end of the data.
+    pad: u32,
+    marker: Option<u8>,
+    hit_end: bool,
+}
+
+impl<'a> Bits<'a> {
+    fn new(d: &'a [u8], pos: usize) -> Self {
+        Bits {
+            d,
+            pos,
+            acc: 0,
+            n: 0,
+            pad: 0,
+            marker: None,
+            hit_end: false,
+        }
+    }
+
+    fn fill(&mut self) {
+        while self.n <= 56 {
+            let mut byte = 0u8;
+            if self.marker.is_none() && !self.hit_end {
+                match self.d.get(self.pos) {
+                    None => self.hit_end = true,
+                    Some(&0xFF) => match self.d.get(self.pos + 1) {
+                        Some(&0) => {
+                            byte = 0xFF;
+                            self.pos += 2;
+                        }
+                        Some(&0xFF) => {
+                            // Fill byte before a marker.
+                            self.pos += 1;
+                            continue;
+                        }
+                        Some(&m) => self.marker = Some(m),
+                        None => self.hit_end = true,
+                    },
+                    Some(&b) => {
+                        byte = b;
+                        self.pos += 1;
+                    }
+                }
+            }
+            if self.marker.is_some() || self.hit_end {
+                self.pad += 1;
+            }
+            self.acc |= (byte as u64) << (56 - self.n);
+            self.n += 8;
+        }
+    }
+
+    /// True if bits that were not in the data have been consumed.
+    fn overran(&self) -> bool {
+        self.pad * 8 > self.n
+    }
+
+    #[inline]
+    fn bits(&mut self, s: u32) -> u32 {
+        if s == 0 {
+            return 0;
+        }
+        if self.n < s {
+            self.fill();
+        }
+        let v = (self.acc >> (64 - s)) as u32;
+        self.acc <<= s;
+        self.n -= s;
+        v
+    }
+
+    #[inline]
+    fn decode(&mut self, h: &Huffman) -> Option<u8> {
+        if self.n < 16 {
+            self.fill();
+        }
+        let peek = (self.acc >> 48) as u32;
+        let f = h.fast[(peek >> 7) as usize];
+        if f != 0 {
+            let len = (f >> 8) as u32;
+            self.acc <<= len;
+            self.n -= len;
+            return Some(f as u8);
+        }
+        for len in 10..=16usize {
+            let code = (peek >> (16 - len)) as i32;
+            if code <= h.maxcode[len] {
+                let idx = h.valptr[len] + code - h.mincode[len];
+                let v = *h.vals.get(usize::try_from(idx).ok()?)?;
+                self.acc <<= len;
+                self.n -= len as u32;
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// Byte-align and expect a restart marker; reset to read after it.
+    fn restart(&mut self) -> Option<()> {
+        if self.overran() {
+            return None;
+        }
+        match self.marker {
+            Some(0xD0..=0xD7) => {}
+            _ => return None,
+        }
+        self.pos += 2;
+        self.acc = 0;
+        self.n = 0;
+        self.pad = 0;
+        self.marker = None;
+        Some(())
+    }
+}
+
+#[inline]
+fn extend(v: u32, s: u32) -> i32 {
+    if s == 0 {
+        0
+    } else if v < (1 << (s - 1)) {
+        v as i32 - (1 << s) + 1
+    } else {
+        v as i32
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Comp {
+    id: u8,
+    h: usize,
+    v: usize,
+    tq: usize,
+    /// Block grid of this component (padded to whole MCUs).
+    bw: usize,
+    bh: usize,
+    /// Blocks that hold image data (for non-interleaved scans).
+    bw_real: usize,
+    bh_real: usize,
+}
+
+struct Frame {
+    width: usize,
+    height: usize,
+    progressive: bool,
+    comps: Vec<Comp>,
+    hmax: usize,
+    vmax: usize,
+    mcux: usize,
+    mcuy: usize,
+    dc: Vec<Vec<i32>>,
+}
+
+fn be16(d: &[u8], i: usize) -> Option<usize> {
+    Some(((*d.get(i)? as usize) << 8) | *d.get(i + 1)? as usize)
+}
+
+/// Decode at 1/8 scale from the DC coefficients, or `None` to fall back.
+/// `max_blocks` bounds the allocation (number of 8×8 blocks over all components).
+pub fn decode(d: &[u8], max_blocks: usize) -> Option<DcImage> {
+    if d.get(0..2)? != [0xFF, 0xD8] {
+        return None;
+    }
+    let mut pos = 2usize;
+    let mut qt = [None::<u32>; 4];
+    let mut dc_tables: [Option<Huffman>; 4] = [None, None, None, None];
+    let mut ac_tables: [Option<Huffman>; 4] = [None, None, None, None];
+    let mut frame: Option<Frame> = None;
+    let mut restart_interval = 0usize;
+    let mut adobe_transform: Option<u8> = None;
+    let mut seen_dc_scan = false;
+    loop {
+        if *d.get(pos)? != 0xFF {
+            return None;
+        }
+        while *d.get(pos + 1)? == 0xFF {
+            pos += 1;
+        }
+        let m = *d.get(pos + 1)?;
+        pos += 2;
+        match m {
+            0xD9 => break,
+            0xD8 => return None,
+            0x01 | 0xD0..=0xD7 => continue,
+            _ => {}
+        }
+        let len = be16(d, pos)?;
+        if len < 2 || pos + len > d.len() {
+            return None;
+        }
+        let seg = &d[pos + 2..pos + len];
+        pos += len;
+        match m {
+            0xDB => {
+                let mut i = 0;
+                while i < seg.len() {
+                    let pq = seg[i] >> 4;
+                    let tq = (seg[i] & 15) as usize;
+                    if tq > 3 {
+                        return None;
+                    }
+                    let q0 = match pq {
+                        0 => {
+                            seg.get(i + 1..i + 65)?;
+                            let q = seg[i + 1] as u32;
+                            i += 65;
+                            q
+                        }
+                        1 => {
+                            seg.get(i + 1..i + 129)?;
+                            let q = be16(seg, i + 1)? as u32;
+                            i += 129;
+                            q
+                        }
+                        _ => return None,
+                    };
+                    qt[tq] = Some(q0);
+                }
+            }
+            0xC4 => {
+                let mut i = 0;
+                while i < seg.len() {
+                    let tc = seg[i] >> 4;
+                    let th = (seg[i] & 15) as usize;
+                    if th > 3 || tc > 1 {
+                        return None;
+                    }
+                    let counts: [u8; 16] = seg.get(i + 1..i + 17)?.try_into().ok()?;
+                    let total: usize = counts.iter().map(|&c| c as usize).sum();
+                    let vals = seg.get(i + 17..i + 17 + total)?;
+                    let h = Huffman::new(&counts, vals)?;
+                    if tc == 0 {
+                        dc_tables[th] = Some(h);
+                    } else {
+                        ac_tables[th] = Some(h);
+                    }
+                    i += 17 + total;
+                }
+            }
+            0xC0..=0xC2 => {
+                if frame.is_some() || *seg.first()? != 8 {
+                    return None;
+                }
+                let height = be16(seg, 1)?;
+                let width = be16(seg, 3)?;
+                let nc = *seg.get(5)? as usize;
+                if width == 0 || height == 0 || !(nc == 1 || nc == 3) {
+                    return None;
+                }
+                let mut comps = Vec::with_capacity(nc);
+                for c in 0..nc {
+                    let b = seg.get(6 + c * 3..9 + c * 3)?;
+                    let (h, v) = ((b[1] >> 4) as usize, (b[1] & 15) as usize);
+                    if !(1..=2).contains(&h) || !(1..=2).contains(&v) || b[2] > 3 {
+                        return None;
+                    }
+                    comps.push(Comp {
+                        id: b[0],
+                        h,
+                        v,
+                        tq: b[2] as usize,
+                        ..Comp::default()
+                    });
+                }
+                if nc == 1 {
+                    // A single component is never interleaved: one block per MCU.
+                    comps[0].h = 1;
+                    comps[0].v = 1;
+                }
+                let hmax = comps.iter().map(|c| c.h).max()?;
+                let vmax = comps.iter().map(|c| c.v).max()?;
+                if comps.iter().any(|c| hmax % c.h != 0 || vmax % c.v != 0) {
+                    return None;
+                }
+                let mcux = width.div_ceil(8 * hmax);
+                let mcuy = height.div_ceil(8 * vmax);
+                let mut total = 0usize;
+                for c in &mut comps {
+                    c.bw = mcux * c.h;
+                    c.bh = mcuy * c.v;
+                    c.bw_real = (width * c.h).div_ceil(hmax).div_ceil(8);
+                    c.bh_real = (height * c.v).div_ceil(vmax).div_ceil(8);
+                    total = total.checked_add(c.bw.checked_mul(c.bh)?)?;
+                }
+                if total > max_blocks {
+                    return None;
+                }
+                let dc = comps.iter().map(|c| vec![0i32; c.bw * c.bh]).collect();
+                frame = Some(Frame {
+                    width,
+                    height,
+                    progressive: m == 0xC2,
+                    comps,
+                    hmax,
+                    vmax,
+                    mcux,
+                    mcuy,
+                    dc,
+                });
+            }
+            // Lossless, hierarchical, arithmetic coding, DAC: not for this path.
+            0xC3 | 0xC5..=0xCF => return None,
+            0xDD => restart_interval = be16(seg, 0)?,
+            0xEE if seg.len() >= 12 && seg.starts_with(b"Adobe") => {
+                adobe_transform = Some(seg[11]);
+            }
+            0xDA => {
+                let f = frame.as_mut()?;
+                let ns = *seg.first()? as usize;
+                if ns == 0 || ns > MAX_COMPONENTS {
+                    return None;
+                }
+                let mut scomps = Vec::with_capacity(ns);
+                for i in 0..ns {
+                    let b = seg.get(1 + i * 2..3 + i * 2)?;
+                    let ci = f.comps.iter().position(|c| c.id == b[0])?;
+                    let (td, ta) = ((b[1] >> 4) as usize, (b[1] & 15) as usize);
+                    if td > 3 || ta > 3 {
+                        return None;
+                    }
+                    scomps.push((ci, td, ta));
+                }
+                let ss = *seg.get(1 + ns * 2)?;
+                let se = *seg.get(2 + ns * 2)?;
+                let a = *seg.get(3 + ns * 2)?;
+                let (ah, al) = ((a >> 4) as u32, (a & 15) as u32);
+                if f.progressive {
+                    if ss != 0 {
+                        // AC scan: skip its entropy-coded data entirely.
+                        pos = skip_entropy(d, pos)?;
+                        continue;
+                    }
+                    if se != 0 || al > 13 {
+                        return None;
+                    }
+                } else if ss != 0 || se != 63 || ah != 0 || al != 0 || ns != f.comps.len() {
+                    return None;
+                }
+                let dct: Vec<&Huffman> = if ah == 0 {
+                    scomps
+                        .iter()
+                        .map(|&(_, td, _)| dc_tables[td].as_ref())
+                        .collect::<Option<_>>()?
+                } else {
+                    Vec::new()
+                };
+                let act: Vec<&Huffman> = if f.progressive {
+                    Vec::new()
+                } else {
+                    scomps
+                        .iter()
+                        .map(|&(_, _, ta)| ac_tables[ta].as_ref())
+                        .collect::<Option<_>>()?
+                };
+                let mut bits = Bits::new(d, pos);
+                decode_scan(f, &scomps, &dct, &act, ah, al, restart_interval, &mut bits)?;
+                if bits.overran() || bits.hit_end {
+                    return None;
+                }
+                pos = bits.pos;
+                if bits.marker.is_none() {
+                    // The scan ended exactly at a byte boundary before the marker.
+                    pos = skip_entropy(d, pos)?;
+                }
+                seen_dc_scan = true;
+            }
+            _ => {} // APPn, COM, DNL (unsupported sizes would fail above), …
+        }
+    }
+    let f = frame?;
+    if !seen_dc_scan {
+        return None;
+    }
+    let q: Vec<u32> = f.comps.iter().map(|c| qt[c.tq]).collect::<Option<_>>()?;
+    if f.comps.len() == 3 {
+        let ids: Vec<u8> = f.comps.iter().map(|c| c.id).collect();
+        if adobe_transform == Some(0) || ids == b"RGB" {
+            return None;
+        }
+    }
+    Some(render(&f, &q))
+}
+
+/// Find the next marker (not RST, not stuffing) at or after `pos`.
+fn skip_entropy(d: &[u8], mut pos: usize) -> Option<usize> {
+    loop {
+        let i = pos + memchr_ff(d.get(pos..)?)?;
+        match *d.get(i + 1)? {
+            0x00 | 0xD0..=0xD7 | 0xFF => pos = i + 1,
+            _ => return Some(i),
+        }
+    }
+}
+
+fn memchr_ff(s: &[u8]) -> Option<usize> {
+    s.iter().position(|&b| b == 0xFF)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_scan(
+    f: &mut Frame,
+    scomps: &[(usize, usize, usize)],
+    dct: &[&Huffman],
+    act: &[&Huffman],
+    ah: u32,
+    al: u32,
+    restart_interval: usize,
+    bits: &mut Bits,
+) -> Option<()> {
+    let mut pred = [0i32; MAX_COMPONENTS];
+    let progressive = f.progressive;
+    let block = |bits: &mut Bits, si: usize, idx: usize, dc: &mut [i32], pred: &mut [i32]| {
+        if ah == 0 {
+            let s = bits.decode(dct[si])? as u32;
+            if s > 11 {
+                return None;
+            }
+            let diff = extend(bits.bits(s), s);
+            pred[si] = pred[si].wrapping_add(diff);
+            *dc.get_mut(idx)? = pred[si].wrapping_shl(al);
+        } else if bits.bits(1) == 1 {
+            *dc.get_mut(idx)? |= 1 << al;
+        }
+        if !progressive {
+            // Skip the AC coefficients.
+            let ac = act[si];
+            let mut k = 1;
+            while k < 64 {
+                if bits.n < 16 {
+                    bits.fill();
+                }
+                let e = ac.fast_ac[(bits.acc >> 55) as usize];
+                if e != 0 {
+                    let total = (e & 15) as u32;
+                    bits.acc <<= total;
+                    bits.n -= total;
+                    let advance = (e >> 4) as u32;
+                    if advance == 0 {
+                        break;
+                    }
+                    k += advance;
+                    continue;
+                }
+                let rs = bits.decode(ac)?;
+                let (r, s) = ((rs >> 4) as u32, (rs & 15) as u32);
+                if s == 0 {
+                    if r == 15 {
+                        k += 16;
+                        continue;
+                    }
+                    break;
+                }
+                bits.bits(s);
+                k += r + 1;
+            }
+            if k > 64 {
+                return None;
+            }
+        }
+        Some(())
+    };
+    let mut done = 0usize;
+    let check_restart = |bits: &mut Bits, done: &mut usize, total: usize, pred: &mut [i32]| {
+        *done += 1;
+        if restart_interval > 0 && done.is_multiple_of(restart_interval) && *done < total {
+            bits.restart()?;
+            pred.iter_mut().for_each(|p| *p = 0);
+        }
+        Some(())
+    };
+    if scomps.len() == 1 {
+        let (ci, _, _) = scomps[0];
+        let c = f.comps[ci];
+        let total = c.bw_real * c.bh_real;
+        let dc = &mut f.dc[ci];
+        for by in 0..c.bh_real {
+            for bx in 0..c.bw_real {
+                block(bits, 0, by * c.bw + bx, dc, &mut pred)?;
+                check_restart(bits, &mut done, total, &mut pred)?;
+            }
+        }
+    } else {
+        let total = f.mcux * f.mcuy;
+        for my in 0..f.mcuy {
+            for mx in 0..f.mcux {
+                for (si, &(ci, _, _)) in scomps.iter().enumerate() {
+                    let c = f.comps[ci];
+                    let dc = &mut f.dc[ci];
+                    for v in 0..c.v {
+                        for h in 0..c.h {
+                            let idx = (my * c.v + v) * c.bw + mx * c.h + h;
+                            block(bits, si, idx, dc, &mut pred)?;
+                        }
+                    }
+                }
+                check_restart(bits, &mut done, total, &mut pred)?;
+            }
+        }
+    }
+    Some(())
+}
+
+fn clamp(v: i32) -> u8 {
+    v.clamp(0, 255) as u8
+}
+
+fn render(f: &Frame, q: &[u32]) -> DcImage {
+    let ow = f.width.div_ceil(8);
+    let oh = f.height.div_ceil(8);
+    // Block means as 8-bit planes: mean = DC·q/8 + 128.
+    let plane = |ci: usize| -> Vec<i32> {
+        let qv = q[ci] as i32;
+        f.dc[ci]
+            .iter()
+            .map(|&c| {
+                let v = c.wrapping_mul(qv);
+                // Round to nearest.
+                (v + if v >= 0 { 4 } else { -4 }) / 8 + 128
+            })
+            .collect()
+    };
+    if f.comps.len() == 1 {
+        let c = f.comps[0];
+        let p = plane(0);
+        let mut data = Vec::with_capacity(ow * oh);
+        for y in 0..oh {
+            for x in 0..ow {
+                data.push(clamp(p[y.min(c.bh - 1) * c.bw + x.min(c.bw - 1)]));
+            }
+        }
+        return DcImage {
+            width: ow as u32,
+            height: oh as u32,
+            channels: 1,
+            data,
+        };
+    }
+    let planes: Vec<Vec<i32>> = (0..3).map(plane).collect();
+    let mut data = Vec::with_capacity(ow * oh * 3);
+    let sample = |ci: usize, x: usize, y: usize| -> i32 {
+        let c = f.comps[ci];
+        // Output pixel (x, y) is one luma-resolution block; map to this component's grid.
+        let cx = (x * c.h / f.hmax).min(c.bw - 1);
+        let cy = (y * c.v / f.vmax).min(c.bh - 1);
+        planes[ci][cy * c.bw + cx]
+    };
+    for y in 0..oh {
+        for x in 0..ow {
+            let yy = sample(0, x, y) as f32;
+            let cb = sample(1, x, y) as f32 - 128.0;
+            let cr = sample(2, x, y) as f32 - 128.0;
+            data.push(clamp((yy + 1.402 * cr).round() as i32));
+            data.push(clamp((yy - 0.344_136 * cb - 0.714_136 * cr).round() as i32));
+            data.push(clamp((yy + 1.772 * cb).round() as i32));
+        }
+    }
+    DcImage {
+        width: ow as u32,
+        height: oh as u32,
+        channels: 3,
+        data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(format!(
+            "{}/fixtures/thumbnail/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    fn reference(data: &[u8]) -> (u32, u32, Vec<u8>, usize) {
+        let mut d = jpeg_decoder::Decoder::new(data);
+        d.read_info().unwrap();
+        let i = d.info().unwrap();
+        let (w, h) = d.scale(i.width.div_ceil(8), i.height.div_ceil(8)).unwrap();
+        let px = d.decode().unwrap();
+        let ch = px.len() / (w as usize * h as usize);
+        (w as u32, h as u32, px, ch)
+    }
+
+    fn psnr(a: &[u8], b: &[u8]) -> f64 {
+        let mse = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+            .sum::<f64>()
+            / a.len() as f64;
+        10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10()
+    }
+
+    #[test]
+    fn matches_scaled_full_decode() {
+        for name in [
+            "photo.jpg",
+            "progressive.jpg",
+            "gray.jpg",
+            "restart.jpg",
+            "restart-progressive.jpg",
+        ] {
+            let data = fixture(name);
+            let dc = decode(&data, usize::MAX).unwrap_or_else(|| panic!("{name}: fell back"));
+            let (w, h, px, ch) = reference(&data);
+            assert_eq!(
+                (dc.width, dc.height, dc.channels as usize),
+                (w, h, ch),
+                "{name}"
+            );
+            let p = psnr(&dc.data, &px);
+            eprintln!("{name}: DC-only vs jpeg-decoder 1/8: PSNR {p:.1} dB");
+            assert!(p > 30.0, "{name}: PSNR {p:.1} dB vs jpeg-decoder 1/8");
+        }
+    }
+
+    #[test]
+    fn hard_edges_exact() {
+        // orient-1.jpg: 96x64 quadrants red / green / blue / yellow, 4:2:0, aligned to
+        // 16 px: the DC image is 12x8 with exact quadrant colours (jpeg-decoder's scaled
+        // decode blurs the chroma across the edges instead).
+        let dc = decode(&fixture("orient-1.jpg"), usize::MAX).unwrap();
+        assert_eq!((dc.width, dc.height, dc.channels), (12, 8, 3));
+        let px = |x: usize, y: usize| &dc.data[(y * 12 + x) * 3..][..3];
+        for (x, y, want) in [
+            (0, 0, [255, 0, 0]),
+            (11, 0, [0, 255, 0]),
+            (0, 7, [0, 0, 255]),
+            (11, 7, [255, 255, 0]),
+        ] {
+            let got = px(x, y);
+            assert!(
+                got.iter()
+                    .zip(want)
+                    .all(|(a, b)| (*a as i32 - b).abs() <= 6),
+                "({x},{y}): {got:?} vs {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unusual_or_broken_falls_back() {
+        assert!(decode(&fixture("cmyk.jpg"), usize::MAX).is_none());
+        assert!(decode(&fixture("truncated.jpg"), usize::MAX).is_none());
+        assert!(decode(&fixture("photo.jpg"), 10).is_none());
+        let data = fixture("photo.jpg");
+        for cut in (0..data.len()).step_by(997) {
+            let _ = decode(&data[..cut], usize::MAX);
+        }
+    }
+}

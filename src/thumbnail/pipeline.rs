@@ -1,0 +1,800 @@
+//! decode → resize → colour → orient → encode, for one input and one spec.
+
+use std::io::Cursor;
+
+use fast_image_resize as fr;
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+
+use super::{Config, Error, Fit, Format, Spec, Thumbnail};
+
+/// What the header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    pub format: Format,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Sniff the format from the magic bytes.
+pub fn sniff(input: &[u8]) -> Result<Format, Error> {
+    let fmt = image::guess_format(input).map_err(|_| {
+        Error::Unsupported(
+            "unsupported input: not a JPEG, PNG, GIF, TIFF, BMP or WebP image".into(),
+        )
+    })?;
+    Ok(match fmt {
+        ImageFormat::Jpeg => Format::Jpeg,
+        ImageFormat::Png => Format::Png,
+        ImageFormat::Gif => Format::Gif,
+        ImageFormat::Tiff => Format::Tiff,
+        ImageFormat::Bmp => Format::Bmp,
+        ImageFormat::WebP => Format::Webp,
+        other => {
+            return Err(Error::Unsupported(format!(
+                "unsupported input format {other:?}: only JPEG, PNG, GIF, TIFF, BMP and WebP are decoded"
+            )));
+        }
+    })
+}
+
+fn image_format(f: Format) -> ImageFormat {
+    match f {
+        Format::Jpeg => ImageFormat::Jpeg,
+        Format::Png => ImageFormat::Png,
+        Format::Webp => ImageFormat::WebP,
+        Format::Gif => ImageFormat::Gif,
+        Format::Tiff => ImageFormat::Tiff,
+        Format::Bmp => ImageFormat::Bmp,
+    }
+}
+
+fn name(f: Format) -> &'static str {
+    match f {
+        Format::Jpeg => "JPEG",
+        Format::Png => "PNG",
+        Format::Webp => "WebP",
+        Format::Gif => "GIF",
+        Format::Tiff => "TIFF",
+        Format::Bmp => "BMP",
+    }
+}
+
+fn is_truncation(e: &image::ImageError) -> bool {
+    match e {
+        image::ImageError::IoError(io) => io.kind() == std::io::ErrorKind::UnexpectedEof,
+        other => {
+            let s = other.to_string().to_ascii_lowercase();
+            s.contains("eof") || s.contains("end of file") || s.contains("truncat")
+        }
+    }
+}
+
+fn image_err(f: Format, e: image::ImageError) -> Error {
+    use image::ImageError as E;
+    match &e {
+        E::Limits(_) => Error::TooLarge(format!("{} image over a decoding limit: {e}", name(f))),
+        E::Unsupported(_) => Error::Unsupported(format!("unsupported {} variant: {e}", name(f))),
+        _ if is_truncation(&e) => Error::Corrupt(format!("truncated {}: {e}", name(f))),
+        _ => Error::Corrupt(format!("corrupt {}: {e}", name(f))),
+    }
+}
+
+/// Read only the header: format and stored dimensions.
+pub fn probe(input: &[u8]) -> Result<Probe, Error> {
+    let format = sniff(input)?;
+    let (width, height) = if format == Format::Jpeg {
+        let mut d = jpeg_decoder::Decoder::new(Cursor::new(input));
+        d.read_info().map_err(jpeg_err)?;
+        let info = d
+            .info()
+            .ok_or_else(|| Error::Corrupt("corrupt JPEG: no frame header".into()))?;
+        (info.width as u32, info.height as u32)
+    } else {
+        let r = ImageReader::with_format(Cursor::new(input), image_format(format));
+        r.into_dimensions().map_err(|e| image_err(format, e))?
+    };
+    if width == 0 || height == 0 {
+        return Err(Error::Corrupt(format!(
+            "corrupt {}: image is {width}x{height}",
+            name(format)
+        )));
+    }
+    Ok(Probe {
+        format,
+        width,
+        height,
+    })
+}
+
+fn jpeg_err(e: jpeg_decoder::Error) -> Error {
+    match e {
+        jpeg_decoder::Error::Unsupported(u) => {
+            Error::Unsupported(format!("unsupported JPEG variant: {u:?}"))
+        }
+        jpeg_decoder::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Error::Corrupt(format!("truncated JPEG: {io}"))
+        }
+        jpeg_decoder::Error::Io(io) => Error::Corrupt(format!("corrupt JPEG: {io}")),
+        jpeg_decoder::Error::Format(s) => {
+            let l = s.to_ascii_lowercase();
+            if l.contains("eof") || l.contains("end of") || l.contains("truncat") {
+                Error::Corrupt(format!("truncated JPEG: {s}"))
+            } else {
+                Error::Corrupt(format!("corrupt JPEG: {s}"))
+            }
+        }
+        jpeg_decoder::Error::Internal(e) => Error::Corrupt(format!("corrupt JPEG: {e}")),
+    }
+}
+
+/// Check the limits that can be checked from the header.
+pub fn check_limits(input: &[u8], p: &Probe, cfg: &Config) -> Result<(), Error> {
+    let pixels = p.width as u64 * p.height as u64;
+    if pixels > cfg.max_pixels {
+        return Err(Error::TooLarge(format!(
+            "image is {}x{} = {} megapixels, over the limit of {}",
+            p.width,
+            p.height,
+            pixels / 1_000_000,
+            fmt_mp(cfg.max_pixels)
+        )));
+    }
+    // 4 bytes per pixel is what the decoded buffer of an RGBA image needs.
+    if pixels.saturating_mul(4) > cfg.max_alloc_bytes {
+        return Err(Error::TooLarge(format!(
+            "image is {}x{}: decoding it would allocate {} MiB, over the limit of {} MiB",
+            p.width,
+            p.height,
+            pixels * 4 / (1 << 20),
+            cfg.max_alloc_bytes / (1 << 20)
+        )));
+    }
+    let frames = match p.format {
+        Format::Gif => super::gif_frames::count_frames(input, cfg.max_frames),
+        // The container's chunk headers say how many frames an animated WebP has.
+        Format::Webp => image_webp::WebPDecoder::new(Cursor::new(input))
+            .map(|d| d.num_frames() as u64)
+            .unwrap_or(0),
+        _ => 0,
+    };
+    if frames > cfg.max_frames {
+        return Err(Error::TooLarge(format!(
+            "{} has {}{} frames, over the limit of {}",
+            name(p.format),
+            if p.format == Format::Gif {
+                "more than "
+            } else {
+                ""
+            },
+            if p.format == Format::Gif {
+                cfg.max_frames
+            } else {
+                frames
+            },
+            cfg.max_frames
+        )));
+    }
+    Ok(())
+}
+
+fn fmt_mp(n: u64) -> String {
+    if n.is_multiple_of(1_000_000) {
+        (n / 1_000_000).to_string()
+    } else {
+        format!("{:.1}", n as f64 / 1e6)
+    }
+}
+
+/// The geometry of one thumbnail in *stored* (un-oriented) source coordinates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Plan {
+    /// Output size before orientation (swapped back for orientations 5–8).
+    pub out_w: u32,
+    pub out_h: u32,
+    /// Crop region in the source: left, top, width, height (source pixels).
+    pub crop: (f64, f64, f64, f64),
+}
+
+/// Compute output size and crop for a source of `sw`×`sh` stored pixels whose EXIF
+/// orientation swaps axes when `swap` is true.
+pub fn plan(sw: u32, sh: u32, swap: bool, spec: &Spec) -> Plan {
+    // Work in oriented (displayed) coordinates.
+    let (ow, oh) = if swap { (sh, sw) } else { (sw, sh) };
+    let (bw, bh) = (spec.width as f64, spec.height as f64);
+    let (fw, fh) = (ow as f64, oh as f64);
+    let (tw, th, cw, ch) = match spec.fit {
+        Fit::Contain => {
+            let mut s = (bw / fw).min(bh / fh);
+            if !spec.enlarge {
+                s = s.min(1.0);
+            }
+            let tw = (fw * s).round().max(1.0);
+            let th = (fh * s).round().max(1.0);
+            (tw, th, fw, fh)
+        }
+        Fit::Cover => {
+            let mut s = (bw / fw).max(bh / fh);
+            if !spec.enlarge {
+                s = s.min(1.0);
+            }
+            let tw = bw.min((fw * s).round()).max(1.0);
+            let th = bh.min((fh * s).round()).max(1.0);
+            // The source region that maps onto the output at scale s.
+            let cw = (tw / s).min(fw);
+            let ch = (th / s).min(fh);
+            (tw, th, cw, ch)
+        }
+        Fit::Fill => {
+            let (tw, th) = if spec.enlarge {
+                (bw, bh)
+            } else {
+                (bw.min(fw), bh.min(fh))
+            };
+            (tw, th, fw, fh)
+        }
+    };
+    let crop_o = ((fw - cw) / 2.0, (fh - ch) / 2.0, cw, ch);
+    if swap {
+        Plan {
+            out_w: th as u32,
+            out_h: tw as u32,
+            crop: (crop_o.1, crop_o.0, crop_o.3, crop_o.2),
+        }
+    } else {
+        Plan {
+            out_w: tw as u32,
+            out_h: th as u32,
+            crop: crop_o,
+        }
+    }
+}
+
+/// JPEG DCT scaling denominator (1, 2, 4 or 8) for a plan: keep ≥2× the output size
+/// for 1/2 and 1/4, ≥1.4× for 1/8 (a DC-only decode is an exact box filter).
+pub fn jpeg_shrink(plan: &Plan) -> u32 {
+    let rx = plan.crop.2 / plan.out_w as f64;
+    let ry = plan.crop.3 / plan.out_h as f64;
+    let r = rx.min(ry);
+    if r >= 8.0 * 1.4 {
+        8
+    } else if r >= 4.0 * 2.0 {
+        4
+    } else if r >= 2.0 * 2.0 {
+        2
+    } else {
+        1
+    }
+}
+
+/// A decoded image with what we need from its metadata.
+struct Decoded {
+    image: DynamicImage,
+    icc: Option<Vec<u8>>,
+    orientation: Orientation,
+    /// Factor by which the decode was shrunk relative to the header size.
+    shrink: f64,
+}
+
+fn swaps(o: Orientation) -> bool {
+    matches!(
+        o,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    )
+}
+
+fn decode_jpeg(input: &[u8], p: &Probe, spec: &Spec, cfg: &Config) -> Result<Decoded, Error> {
+    let mut d = jpeg_decoder::Decoder::new(Cursor::new(input));
+    d.set_max_decoding_buffer_size(usize::try_from(cfg.max_alloc_bytes).unwrap_or(usize::MAX));
+    d.read_info().map_err(jpeg_err)?;
+    let orientation = d
+        .exif_data()
+        .and_then(Orientation::from_exif_chunk)
+        .unwrap_or(Orientation::NoTransforms);
+    let pl = plan(p.width, p.height, swaps(orientation), spec);
+    let den = jpeg_shrink(&pl);
+    if den == 8 {
+        // Exact 1/8 scale from the DC coefficients only; falls back on anything unusual.
+        let max_blocks = usize::try_from(cfg.max_alloc_bytes / 4).unwrap_or(usize::MAX);
+        if let Some(dc) = super::jpeg_dc::decode(input, max_blocks)
+            && dc.width == p.width.div_ceil(8)
+            && dc.height == p.height.div_ceil(8)
+        {
+            let image = if dc.channels == 1 {
+                image::GrayImage::from_raw(dc.width, dc.height, dc.data)
+                    .map(DynamicImage::ImageLuma8)
+            } else {
+                image::RgbImage::from_raw(dc.width, dc.height, dc.data).map(DynamicImage::ImageRgb8)
+            };
+            if let Some(image) = image {
+                return Ok(Decoded {
+                    image,
+                    icc: d.icc_profile(),
+                    orientation,
+                    shrink: 8.0,
+                });
+            }
+        }
+    }
+    let (mut w, mut h) = (p.width, p.height);
+    if den > 1 {
+        let rw = p.width.div_ceil(den) as u16;
+        let rh = p.height.div_ceil(den) as u16;
+        let (sw, sh) = d.scale(rw, rh).map_err(jpeg_err)?;
+        w = sw as u32;
+        h = sh as u32;
+    }
+    let pixels = d.decode().map_err(jpeg_err)?;
+    let info = d
+        .info()
+        .ok_or_else(|| Error::Corrupt("corrupt JPEG: no frame header".into()))?;
+    let n = w as usize * h as usize;
+    use jpeg_decoder::PixelFormat as P;
+    let image = match info.pixel_format {
+        P::L8 => {
+            check_len(&pixels, n)?;
+            image::GrayImage::from_raw(w, h, pixels).map(DynamicImage::ImageLuma8)
+        }
+        P::L16 => {
+            check_len(&pixels, n * 2)?;
+            // Big-endian 16-bit samples; keep the high byte.
+            let v: Vec<u8> = pixels.chunks_exact(2).map(|c| c[0]).collect();
+            image::GrayImage::from_raw(w, h, v).map(DynamicImage::ImageLuma8)
+        }
+        P::RGB24 => {
+            check_len(&pixels, n * 3)?;
+            image::RgbImage::from_raw(w, h, pixels).map(DynamicImage::ImageRgb8)
+        }
+        P::CMYK32 => {
+            check_len(&pixels, n * 4)?;
+            image::RgbImage::from_raw(w, h, cmyk_to_rgb(&pixels)).map(DynamicImage::ImageRgb8)
+        }
+    }
+    .ok_or_else(|| Error::Corrupt("corrupt JPEG: short pixel buffer".into()))?;
+    // A CMYK profile does not apply to the RGB we made from it.
+    let icc = if info.pixel_format == P::CMYK32 {
+        None
+    } else {
+        d.icc_profile()
+    };
+    Ok(Decoded {
+        image,
+        icc,
+        orientation,
+        shrink: if den > 1 { den as f64 } else { 1.0 },
+    })
+}
+
+fn check_len(buf: &[u8], n: usize) -> Result<(), Error> {
+    if buf.len() < n {
+        return Err(Error::Corrupt("truncated JPEG: short pixel buffer".into()));
+    }
+    Ok(())
+}
+
+/// Naive CMYK → RGB (what Pillow and most browsers do without a CMYK profile).
+/// `jpeg-decoder` already undoes the Adobe inversion and the YCCK transform.
+fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(cmyk.len() / 4 * 3);
+    for px in cmyk.chunks_exact(4) {
+        let k = 255 - px[3] as u32;
+        for &c in &px[..3] {
+            out.push((((255 - c as u32) * k + 127) / 255) as u8);
+        }
+    }
+    out
+}
+
+fn tiff_err(e: tiff::TiffError) -> Error {
+    use tiff::TiffError as T;
+    match e {
+        T::LimitsExceeded => Error::TooLarge("TIFF image over a decoding limit".into()),
+        T::UnsupportedError(u) => Error::Unsupported(format!("unsupported TIFF variant: {u}")),
+        T::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Error::Corrupt(format!("truncated TIFF: {io}"))
+        }
+        other => {
+            let s = other.to_string();
+            let l = s.to_ascii_lowercase();
+            if l.contains("eof") || l.contains("end of file") || l.contains("truncat") {
+                Error::Corrupt(format!("truncated TIFF: {s}"))
+            } else {
+                Error::Corrupt(format!("corrupt TIFF: {s}"))
+            }
+        }
+    }
+}
+
+/// 8-bit chunky Gray/GrayA/RGB/RGBA TIFFs: decode with the `tiff` crate straight into the
+/// buffer the resizer reads. The `image` wrapper decodes into a buffer of its own and then
+/// copies it whole into another. Returns `Ok(None)` for anything else (the caller then
+/// takes the generic path), before any pixel is decoded.
+fn decode_tiff(input: &[u8], p: &Probe, cfg: &Config) -> Result<Option<Decoded>, Error> {
+    use tiff::ColorType as C;
+    use tiff::tags::Tag;
+    let Ok(mut dec) = tiff::decoder::Decoder::new(Cursor::new(input)) else {
+        return Ok(None);
+    };
+    let Ok((w, h)) = dec.dimensions() else {
+        return Ok(None);
+    };
+    if (w, h) != (p.width, p.height) {
+        return Ok(None);
+    }
+    let channels = match dec.colortype() {
+        Ok(C::Gray(8)) => 1usize,
+        Ok(C::GrayA(8)) => 2,
+        Ok(C::RGB(8)) => 3,
+        Ok(C::RGBA(8)) => 4,
+        _ => return Ok(None),
+    };
+    match dec.find_tag_unsigned_vec::<u16>(Tag::SampleFormat) {
+        Ok(None) => {}
+        Ok(Some(v)) if v.iter().all(|&f| f == 1) => {}
+        _ => return Ok(None),
+    }
+    let Ok(layout) = dec.image_buffer_layout() else {
+        return Ok(None);
+    };
+    let len = w as usize * h as usize * channels;
+    if layout.planes != 1 || layout.complete_len != len || layout.len != len {
+        return Ok(None);
+    }
+    // The same split of max_alloc as the `image` wrapper: the output buffer, and what is
+    // left of the budget for intermediate buffers and IFD values.
+    if len as u64 > cfg.max_alloc_bytes {
+        return Err(Error::TooLarge("TIFF image over a decoding limit".into()));
+    }
+    let inter = usize::try_from(cfg.max_alloc_bytes - len as u64).unwrap_or(usize::MAX);
+    let mut limits = tiff::decoder::Limits::default();
+    limits.decoding_buffer_size = len;
+    limits.intermediate_buffer_size = inter;
+    limits.ifd_value_size = inter;
+    let mut dec = dec.with_limits(limits);
+    let icc = dec.get_tag_u8_vec(Tag::IccProfile).ok();
+    let orientation = dec
+        .find_tag(Tag::Orientation)
+        .ok()
+        .flatten()
+        .and_then(|v| Orientation::from_exif(v.into_u16().ok()?.min(255) as u8))
+        .unwrap_or(Orientation::NoTransforms);
+    let mut buf = vec![0u8; len];
+    if !super::tiff_lzw::decode_strips(&mut dec, input, (w, h, channels), inter, &mut buf) {
+        dec.read_image_bytes(&mut buf).map_err(tiff_err)?;
+    }
+    let image = match channels {
+        1 => image::GrayImage::from_raw(w, h, buf).map(DynamicImage::ImageLuma8),
+        2 => image::GrayAlphaImage::from_raw(w, h, buf).map(DynamicImage::ImageLumaA8),
+        3 => image::RgbImage::from_raw(w, h, buf).map(DynamicImage::ImageRgb8),
+        _ => image::RgbaImage::from_raw(w, h, buf).map(DynamicImage::ImageRgba8),
+    }
+    .ok_or_else(|| Error::Corrupt("corrupt TIFF: short pixel buffer".into()))?;
+    Ok(Some(Decoded {
+        image,
+        icc,
+        orientation,
+        shrink: 1.0,
+    }))
+}
+
+fn decode_other(input: &[u8], p: &Probe, cfg: &Config) -> Result<Decoded, Error> {
+    let mut r = ImageReader::with_format(Cursor::new(input), image_format(p.format));
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(cfg.max_alloc_bytes);
+    limits.max_image_width = Some(p.width);
+    limits.max_image_height = Some(p.height);
+    r.limits(limits);
+    let f = p.format;
+    let mut dec = r.into_decoder().map_err(|e| image_err(f, e))?;
+    let icc = dec.icc_profile().ok().flatten();
+    let orientation = dec.orientation().unwrap_or(Orientation::NoTransforms);
+    let image = DynamicImage::from_decoder(dec).map_err(|e| image_err(f, e))?;
+    Ok(Decoded {
+        image,
+        icc,
+        orientation,
+        shrink: 1.0,
+    })
+}
+
+/// Bring any decoded image to one of the four 8-bit layouts the resizer handles.
+fn to_8bit(img: DynamicImage) -> DynamicImage {
+    match img {
+        DynamicImage::ImageLuma8(_)
+        | DynamicImage::ImageLumaA8(_)
+        | DynamicImage::ImageRgb8(_)
+        | DynamicImage::ImageRgba8(_) => img,
+        DynamicImage::ImageLuma16(_) => DynamicImage::ImageLuma8(img.to_luma8()),
+        DynamicImage::ImageLumaA16(_) => DynamicImage::ImageLumaA8(img.to_luma_alpha8()),
+        other if other.color().has_alpha() => DynamicImage::ImageRgba8(other.to_rgba8()),
+        other => DynamicImage::ImageRgb8(other.to_rgb8()),
+    }
+}
+
+/// Drop an alpha channel that is fully opaque (cheaper resize, smaller output).
+fn drop_opaque_alpha(img: DynamicImage) -> DynamicImage {
+    match &img {
+        DynamicImage::ImageRgba8(b) if b.pixels().all(|p| p.0[3] == 255) => {
+            DynamicImage::ImageRgb8(img.to_rgb8())
+        }
+        DynamicImage::ImageLumaA8(b) if b.pixels().all(|p| p.0[1] == 255) => {
+            DynamicImage::ImageLuma8(img.to_luma8())
+        }
+        _ => img,
+    }
+}
+
+fn pixel_type(img: &DynamicImage) -> fr::PixelType {
+    match img {
+        DynamicImage::ImageLuma8(_) => fr::PixelType::U8,
+        DynamicImage::ImageLumaA8(_) => fr::PixelType::U8x2,
+        DynamicImage::ImageRgb8(_) => fr::PixelType::U8x3,
+        _ => fr::PixelType::U8x4,
+    }
+}
+
+fn rebuild(w: u32, h: u32, like: &DynamicImage, buf: Vec<u8>) -> Option<DynamicImage> {
+    Some(match like {
+        DynamicImage::ImageLuma8(_) => {
+            DynamicImage::ImageLuma8(image::GrayImage::from_raw(w, h, buf)?)
+        }
+        DynamicImage::ImageLumaA8(_) => {
+            DynamicImage::ImageLumaA8(image::GrayAlphaImage::from_raw(w, h, buf)?)
+        }
+        DynamicImage::ImageRgb8(_) => {
+            DynamicImage::ImageRgb8(image::RgbImage::from_raw(w, h, buf)?)
+        }
+        _ => DynamicImage::ImageRgba8(image::RgbaImage::from_raw(w, h, buf)?),
+    })
+}
+
+/// Lanczos3 resize of `img` (8-bit layouts only) cropped to `crop`, to `w`×`h`.
+/// Alpha is premultiplied during the resize by `fast_image_resize`.
+pub(crate) fn resize(
+    img: &DynamicImage,
+    crop: (f64, f64, f64, f64),
+    w: u32,
+    h: u32,
+) -> Result<DynamicImage, Error> {
+    let (sw, sh) = (img.width(), img.height());
+    let full = crop.0 <= 0.0 && crop.1 <= 0.0 && crop.2 >= sw as f64 && crop.3 >= sh as f64;
+    if full && sw == w && sh == h {
+        return Ok(img.clone());
+    }
+    let pt = pixel_type(img);
+    let src = fr::images::ImageRef::new(sw, sh, img.as_bytes(), pt)
+        .map_err(|e| Error::Corrupt(format!("resize: {e}")))?;
+    let mut dst = fr::images::Image::new(w, h, pt);
+    let mut opts =
+        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3));
+    if !full {
+        opts = opts.crop(crop.0, crop.1, crop.2, crop.3);
+    }
+    fr::Resizer::new()
+        .resize(&src, &mut dst, &opts)
+        .map_err(|e| Error::Corrupt(format!("resize: {e}")))?;
+    rebuild(w, h, img, dst.into_vec()).ok_or_else(|| Error::Corrupt("resize: bad buffer".into()))
+}
+
+/// Convert from the embedded ICC profile to sRGB. Profiles that cannot be parsed or are
+/// not RGB are ignored (the pixels are then taken as sRGB).
+fn to_srgb(img: DynamicImage, icc: &[u8]) -> DynamicImage {
+    let Ok(src) = moxcms::ColorProfile::new_from_slice(icc) else {
+        return img;
+    };
+    if src.color_space != moxcms::DataColorSpace::Rgb {
+        return img;
+    }
+    let layout = match &img {
+        DynamicImage::ImageRgb8(_) => moxcms::Layout::Rgb,
+        DynamicImage::ImageRgba8(_) => moxcms::Layout::Rgba,
+        _ => return img,
+    };
+    let dst = moxcms::ColorProfile::new_srgb();
+    let Ok(t) =
+        src.create_transform_8bit(layout, &dst, layout, moxcms::TransformOptions::default())
+    else {
+        return img;
+    };
+    let mut out = vec![0u8; img.as_bytes().len()];
+    if t.transform(img.as_bytes(), &mut out).is_err() {
+        return img;
+    }
+    rebuild(img.width(), img.height(), &img, out).unwrap_or(img)
+}
+
+/// Composite alpha over `bg` (sRGB values, as browsers do).
+fn flatten(img: DynamicImage, bg: [u8; 3]) -> DynamicImage {
+    let blend = |c: u8, b: u8, a: u8| -> u8 {
+        let a = a as u32;
+        ((c as u32 * a + b as u32 * (255 - a) + 127) / 255) as u8
+    };
+    match img {
+        DynamicImage::ImageRgba8(b) => {
+            let (w, h) = b.dimensions();
+            let mut out = Vec::with_capacity(w as usize * h as usize * 3);
+            for p in b.pixels() {
+                let [r, g, bl, a] = p.0;
+                out.extend_from_slice(&[
+                    blend(r, bg[0], a),
+                    blend(g, bg[1], a),
+                    blend(bl, bg[2], a),
+                ]);
+            }
+            DynamicImage::ImageRgb8(image::RgbImage::from_raw(w, h, out).expect("size"))
+        }
+        DynamicImage::ImageLumaA8(b) => {
+            // A grey image on a coloured background becomes RGB.
+            let (w, h) = b.dimensions();
+            let mut out = Vec::with_capacity(w as usize * h as usize * 3);
+            for p in b.pixels() {
+                let [l, a] = p.0;
+                out.extend_from_slice(&[
+                    blend(l, bg[0], a),
+                    blend(l, bg[1], a),
+                    blend(l, bg[2], a),
+                ]);
+            }
+            let rgb = DynamicImage::ImageRgb8(image::RgbImage::from_raw(w, h, out).expect("size"));
+            if bg[0] == bg[1] && bg[1] == bg[2] {
+                DynamicImage::ImageLuma8(rgb.to_luma8())
+            } else {
+                rgb
+            }
+        }
+        other => other,
+    }
+}
+
+fn encode(img: &DynamicImage, format: Format, spec: &Spec) -> Result<Vec<u8>, Error> {
+    let (w, h) = (img.width(), img.height());
+    let enc_err = |e: String| Error::Corrupt(format!("encoding {}: {e}", name(format)));
+    let mut out = Vec::new();
+    match format {
+        Format::Jpeg => {
+            let (ct, data) = match img {
+                DynamicImage::ImageLuma8(b) => (jpeg_encoder::ColorType::Luma, b.as_raw()),
+                DynamicImage::ImageRgb8(b) => (jpeg_encoder::ColorType::Rgb, b.as_raw()),
+                _ => return Err(enc_err("unexpected pixel layout".into())),
+            };
+            let mut e = jpeg_encoder::Encoder::new(&mut out, spec.quality);
+            e.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_0);
+            e.set_progressive(spec.progressive);
+            // Optimised Huffman tables only for progressive: zune-jpeg 0.5 (the `image`
+            // crate's decoder) mis-decodes jpeg-encoder 0.7's optimised *baseline* tables.
+            e.set_optimized_huffman_tables(spec.progressive);
+            e.encode(data, w as u16, h as u16, ct)
+                .map_err(|e| enc_err(e.to_string()))?;
+        }
+        Format::Webp => {
+            let enc = image::codecs::webp::WebPEncoder::new_lossless(&mut out);
+            let rgb;
+            let img = match img {
+                DynamicImage::ImageLuma8(_) | DynamicImage::ImageLumaA8(_) => {
+                    rgb = if img.color().has_alpha() {
+                        DynamicImage::ImageRgba8(img.to_rgba8())
+                    } else {
+                        DynamicImage::ImageRgb8(img.to_rgb8())
+                    };
+                    &rgb
+                }
+                _ => img,
+            };
+            img.write_with_encoder(enc)
+                .map_err(|e| enc_err(e.to_string()))?;
+        }
+        Format::Gif => {
+            let rgba = img.to_rgba8();
+            let mut enc = image::codecs::gif::GifEncoder::new_with_speed(&mut out, 10);
+            enc.encode(rgba.as_raw(), w, h, image::ExtendedColorType::Rgba8)
+                .map_err(|e| enc_err(e.to_string()))?;
+        }
+        Format::Png | Format::Tiff | Format::Bmp => {
+            let mut c = Cursor::new(&mut out);
+            img.write_to(&mut c, image_format(format))
+                .map_err(|e| enc_err(e.to_string()))?;
+        }
+    }
+    Ok(out)
+}
+
+/// The whole pipeline for one input and one spec (runs on the calling thread).
+pub fn make(input: &[u8], spec: &Spec, cfg: &Config) -> Result<Thumbnail, Error> {
+    spec.validate().map_err(Error::BadParams)?;
+    if input.len() as u64 > cfg.max_input_bytes {
+        return Err(Error::TooLarge(format!(
+            "input is {} bytes, over the limit of {} bytes",
+            input.len(),
+            cfg.max_input_bytes
+        )));
+    }
+    if input.is_empty() {
+        return Err(Error::Unsupported("unsupported input: empty".into()));
+    }
+    let p = probe(input)?;
+    check_limits(input, &p, cfg)?;
+    let d = if p.format == Format::Jpeg {
+        decode_jpeg(input, &p, spec, cfg)?
+    } else if p.format == Format::Tiff
+        && let Some(d) = decode_tiff(input, &p, cfg)?
+    {
+        d
+    } else {
+        decode_other(input, &p, cfg)?
+    };
+    let out_format = spec.format.resolve(p.format);
+    let swap = swaps(d.orientation);
+    // Plan in header coordinates, then scale the crop to the decoded size.
+    let pl = plan(p.width, p.height, swap, spec);
+    let s = d.shrink;
+    let crop = (pl.crop.0 / s, pl.crop.1 / s, pl.crop.2 / s, pl.crop.3 / s);
+    let img = drop_opaque_alpha(to_8bit(d.image));
+    let mut img = resize(&img, crop, pl.out_w, pl.out_h)?;
+    if let Some(icc) = &d.icc {
+        img = to_srgb(img, icc);
+    }
+    if !out_format.has_alpha() {
+        img = flatten(img, spec.background);
+    }
+    img.apply_orientation(d.orientation);
+    let bytes = encode(&img, out_format, spec)?;
+    Ok(Thumbnail {
+        bytes,
+        width: img.width(),
+        height: img.height(),
+        format: out_format,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(w: u32, h: u32, fit: Fit, enlarge: bool) -> Spec {
+        let mut s = Spec::new(w, h);
+        s.fit = fit;
+        s.enlarge = enlarge;
+        s
+    }
+
+    #[test]
+    fn plans() {
+        let p = plan(4000, 3000, false, &spec(256, 256, Fit::Contain, false));
+        assert_eq!((p.out_w, p.out_h), (256, 192));
+        let p = plan(4000, 3000, true, &spec(256, 256, Fit::Contain, false));
+        // Displayed 3000x4000 -> 192x256, stored (before rotation) 256x192.
+        assert_eq!((p.out_w, p.out_h), (256, 192));
+        let p = plan(4000, 3000, false, &spec(256, 256, Fit::Cover, false));
+        assert_eq!((p.out_w, p.out_h), (256, 256));
+        assert!((p.crop.2 - 3000.0).abs() < 1e-6 && (p.crop.0 - 500.0).abs() < 1e-6);
+        let p = plan(100, 50, false, &spec(256, 256, Fit::Contain, false));
+        assert_eq!((p.out_w, p.out_h), (100, 50));
+        let p = plan(100, 50, false, &spec(256, 256, Fit::Contain, true));
+        assert_eq!((p.out_w, p.out_h), (256, 128));
+        let p = plan(100, 50, false, &spec(256, 256, Fit::Cover, false));
+        assert_eq!((p.out_w, p.out_h), (100, 50));
+        let p = plan(100, 50, false, &spec(256, 256, Fit::Fill, false));
+        assert_eq!((p.out_w, p.out_h), (100, 50));
+        let p = plan(1000, 500, false, &spec(200, 300, Fit::Fill, false));
+        assert_eq!((p.out_w, p.out_h), (200, 300));
+    }
+
+    #[test]
+    fn shrink_choice() {
+        let p = plan(6000, 4000, false, &spec(256, 256, Fit::Contain, false));
+        assert_eq!(jpeg_shrink(&p), 8);
+        let p = plan(1500, 1000, false, &spec(256, 256, Fit::Contain, false));
+        assert_eq!(jpeg_shrink(&p), 2);
+        let p = plan(300, 300, false, &spec(256, 256, Fit::Contain, false));
+        assert_eq!(jpeg_shrink(&p), 1);
+    }
+
+    #[test]
+    fn gif_frame_count_bounded() {
+        assert_eq!(super::super::gif_frames::count_frames(b"GIF89a", 10), 0);
+        assert_eq!(super::super::gif_frames::count_frames(b"", 10), 0);
+    }
+}

@@ -1,0 +1,258 @@
+//! The HTTP API (`downloader web`): job submission, callback retries, heartbeat,
+//! stats, the aggregation dashboard and job state.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::job::{JobSpec, is_valid_id, new_id};
+use crate::store::{RetryCallback, Store};
+
+/// Largest `POST /download` body accepted by default.
+const DEFAULT_MAX_BODY: usize = 1 << 20;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub heartbeat_path: Option<PathBuf>,
+    pub info: Arc<Info>,
+}
+
+/// What `GET /info` reports about this process.
+#[derive(Debug)]
+pub struct Info {
+    pub components: Vec<&'static str>,
+    /// `redis` or `embedded`.
+    pub store: &'static str,
+    pub started: std::time::SystemTime,
+    pub started_mono: std::time::Instant,
+    pub host: String,
+}
+
+impl Info {
+    pub fn new(components: Vec<&'static str>, store: &'static str) -> Info {
+        Info {
+            components,
+            store,
+            started: std::time::SystemTime::now(),
+            started_mono: std::time::Instant::now(),
+            host: crate::logging::hostname(),
+        }
+    }
+}
+
+/// A JSON error: `{"error": "..."}` with its status.
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        tracing::error!(error = %e, "store error");
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The API's routes and `POST /thumbnail`; with `files`, also serves that directory
+/// at `/files/` (for `serve`, so that callbacks' `download_url`s work out of the box).
+pub fn router(
+    state: AppState,
+    max_body: Option<usize>,
+    files: Option<PathBuf>,
+    thumbnailer: Arc<crate::thumbnail::Thumbnailer>,
+) -> Router {
+    let api = Router::new()
+        .route("/download", post(submit))
+        .route("/retry/{id}", post(retry))
+        .route("/hb", get(heartbeat))
+        .route("/stats/{component}", get(stats))
+        .route("/dashboard/aggregations", get(aggregations))
+        .route("/jobs/{id}", get(job))
+        .route("/info", get(info))
+        .layer(DefaultBodyLimit::max(max_body.unwrap_or(DEFAULT_MAX_BODY)))
+        .with_state(state);
+    // POST /thumbnail brings its own state and body limit.
+    let mut r = api.merge(crate::thumbnail::http::router(thumbnailer));
+    if let Some(root) = files {
+        // ServeDir refuses `..`, encoded or not, and never leaves `root`.
+        r = r.nest_service("/files", tower_http::services::ServeDir::new(root));
+    }
+    let request_id = axum::http::HeaderName::from_static("x-request-id");
+    // Connections run in tasks of their own: parent request spans explicitly on the
+    // component's span so their lines carry component and host.
+    let root = tracing::Span::current();
+    r = r
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(move |req: &axum::http::Request<_>| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    tracing::info_span!(
+                        parent: &root,
+                        "request",
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                        request_id = %id
+                    )
+                })
+                .on_request(|_: &axum::http::Request<_>, _: &tracing::Span| {
+                    tracing::info!("request started")
+                })
+                .on_response(
+                    |res: &Response, latency: std::time::Duration, _: &tracing::Span| {
+                        tracing::info!(
+                            status = res.status().as_u16(),
+                            duration_ms = latency.as_secs_f64() * 1000.0,
+                            "request finished"
+                        )
+                    },
+                ),
+        )
+        // Outermost: an incoming X-Request-Id is kept, else one is made.
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
+    r.method_not_allowed_fallback(|| async {
+        ApiError(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Invalid request method".into(),
+        )
+    })
+    .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+}
+
+/// Serves the API on `listener` until `shutdown`, finishing in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+async fn submit(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let body = body.map_err(|e| ApiError(e.status(), format!("cannot read request body: {e}")))?;
+    let spec = JobSpec::from_json(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.0))?;
+    let id = new_id();
+    s.store.submit(&id, &spec).await?;
+    tracing::info!(job_id = %id, aggr_id = %spec.aggr_id, url = %spec.url, "job submitted");
+    Ok((StatusCode::CREATED, axum::Json(json!({ "id": id }))).into_response())
+}
+
+async fn retry(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    match s.store.requeue_callback(&id).await? {
+        RetryCallback::Requeued => {
+            tracing::info!(job_id = %id, "callback requeued");
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        RetryCallback::NotFound => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("job {id} not found"),
+        )),
+        RetryCallback::NotFailed(state) => Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "job {id}'s callback has not failed (callback state: {:?})",
+                if state.is_empty() { "none yet" } else { &state }
+            ),
+        )),
+    }
+}
+
+async fn heartbeat(State(s): State<AppState>) -> Response {
+    if let Some(p) = &s.heartbeat_path
+        && tokio::fs::try_exists(p).await.unwrap_or(false)
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Service disabled, '{}' exists!", p.display()),
+        )
+            .into_response();
+    }
+    "OK".into_response()
+}
+
+async fn stats(State(s): State<AppState>, Path(component): Path<String>) -> ApiResult {
+    if !matches!(component.as_str(), "processor" | "notifier") {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no stats for {component:?} (processor or notifier)"),
+        ));
+    }
+    match s.store.get_stats(&component).await? {
+        Some(json) => Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("Could not find stats for entity {component}"),
+        )),
+    }
+}
+
+async fn aggregations(State(s): State<AppState>) -> ApiResult {
+    let list: Vec<_> = s
+        .store
+        .aggregations()
+        .await?
+        .into_iter()
+        .map(|(name, size)| json!({ "name": format!("jobs:{name}"), "size": size }))
+        .collect();
+    Ok(axum::Json(list).into_response())
+}
+
+async fn job(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    if !is_valid_id(&id) {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("job {id} not found"),
+        ));
+    }
+    match s.store.get_job(&id).await? {
+        Some(rec) => Ok(axum::Json(rec).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("job {id} not found"),
+        )),
+    }
+}
+
+async fn info(State(s): State<AppState>) -> Response {
+    let i = &s.info;
+    let started = i
+        .started
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    axum::Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "commit": env!("DOWNLOADER_COMMIT"),
+        "build_date": env!("DOWNLOADER_BUILD_DATE"),
+        "started_at": started,
+        "uptime_secs": i.started_mono.elapsed().as_secs(),
+        "components": i.components,
+        "host": i.host,
+        "store": i.store,
+    }))
+    .into_response()
+}

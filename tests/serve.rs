@@ -1,0 +1,226 @@
+//! `downloader serve`: the whole service in one process on the embedded store.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use serde_json::{Value, json};
+
+struct Serve {
+    child: Child,
+    port: u16,
+    http: reqwest::Client,
+}
+
+impl Serve {
+    /// Starts `serve` in `dir`, with `config` written there unless it is `None`.
+    async fn start(dir: &Path, config: Option<&Value>) -> Serve {
+        downloader::install_crypto_provider();
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_downloader"));
+        cmd.current_dir(dir)
+            .args(["serve", "--port", &port.to_string()])
+            .env("DOWNLOADER_TEST_TIME", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(cfg) = config {
+            std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+            cmd.args(["-c", "config.json"]);
+        }
+        let s = Serve {
+            child: cmd.spawn().unwrap(),
+            port,
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(10))
+                .build()
+                .unwrap(),
+        };
+        let url = s.url("/hb");
+        let http = s.http.clone();
+        eventually(15, "serve to answer /hb", async || {
+            http.get(&url).send().await.ok().map(|_| ())
+        })
+        .await;
+        s
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    async fn submit(&self, job: Value) -> String {
+        let r = self
+            .http
+            .post(self.url("/download"))
+            .json(&job)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn embedded_config(dir: &Path) -> Value {
+    json!({
+        "store": {"type": "embedded", "path": dir.join("data/store.redb")},
+        "processor": {"storage_dir": dir.join("data/files"), "allowed_networks": ["127.0.0.0/8"],
+                      "lease_secs": 2},
+        "notifier": {"deletion_interval": 60, "lease_secs": 2}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_without_config_runs_the_whole_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = start_receiver().await;
+    let s = Serve::start(dir.path(), None).await;
+    // Defaults refuse loopback origins, so this job fails: the point is that it runs
+    // through download and callback on the embedded store under ./data.
+    let id = s
+        .submit(json!({"aggr_id": "a", "aggr_limit": 1, "url": "http://127.0.0.1:9/x", "callback_url": rx.url(0)}))
+        .await;
+    let cb = rx.wait_for(&id, 20).await;
+    assert_eq!(cb["success"], false);
+    assert!(
+        cb["error"].as_str().unwrap().contains("not allowed"),
+        "{cb}"
+    );
+    assert!(dir.path().join("data/store.redb").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_downloads_and_serves_files_but_nothing_outside_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret.txt"), "top secret").unwrap();
+    let origin = start_origin().await;
+    let rx = start_receiver().await;
+    origin.add_file("f", b"file body".to_vec());
+    let s = Serve::start(dir.path(), Some(&embedded_config(dir.path()))).await;
+    let id = s.submit(job(&origin, "/file/f", &rx.url(0), "a", 2)).await;
+    let cb = rx.wait_for(&id, 20).await;
+    assert_eq!(cb["success"], true, "{cb}");
+    let url = cb["download_url"].as_str().unwrap();
+    assert_eq!(url, s.url(&format!("/files/{}/{id}", &id[..3])));
+    let body = s.http.get(url).send().await.unwrap();
+    assert_eq!(body.status(), 200);
+    assert_eq!(body.bytes().await.unwrap().as_ref(), b"file body");
+
+    for path in [
+        "/files/../secret.txt",
+        "/files/..%2fsecret.txt",
+        "/files/%2e%2e/secret.txt",
+        "/files/%2e%2e%2f%2e%2e%2fsecret.txt",
+        "/files//etc/passwd",
+        "/files/%2fetc%2fpasswd",
+        "/files/..%5csecret.txt",
+        "/files/../../../../etc/passwd",
+    ] {
+        // Sent raw: the client must not normalise the path first.
+        let r = raw_get(s.port, path).await;
+        assert!(
+            !r.contains("top secret") && !r.contains("root:"),
+            "{path} leaked a file outside the root: {r}"
+        );
+        assert!(!r.starts_with("HTTP/1.1 200"), "{path}: {r}");
+    }
+}
+
+/// A GET with the path exactly as given.
+async fn raw_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("response in time")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_survives_sigkill_mid_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = start_origin().await;
+    let rx = start_receiver().await;
+    let cfg = embedded_config(dir.path());
+    let mut s = Serve::start(dir.path(), Some(&cfg)).await;
+    let mut ids = Vec::new();
+    for n in 0..100 {
+        let aggr = format!("load{}", n % 4 + 1);
+        ids.push(
+            s.submit(job(
+                &origin,
+                &format!("/aggr/{aggr}/{n}"),
+                &rx.url(0),
+                &aggr,
+                2,
+            ))
+            .await,
+        );
+    }
+    eventually(30, "some callbacks", async || {
+        (rx.callbacks().len() >= 10).then_some(())
+    })
+    .await;
+    s.kill();
+    let s = Serve::start(dir.path(), Some(&cfg)).await;
+    eventually(60, "every job's callback after the restart", async || {
+        let got: std::collections::HashSet<String> = rx
+            .callbacks()
+            .iter()
+            .map(|c| c["job_id"].as_str().unwrap().to_string())
+            .collect();
+        ids.iter().all(|id| got.contains(id)).then_some(())
+    })
+    .await;
+    for c in rx.callbacks() {
+        assert_eq!(c["success"], true, "{c}");
+    }
+    for aggr in ["load1", "load2", "load3", "load4"] {
+        assert!(origin.max_concurrency(aggr) <= 2, "{aggr} over its limit");
+    }
+    drop(s);
+}
+
+#[test]
+fn separate_components_refuse_the_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.json");
+    std::fs::write(&cfg, embedded_config(dir.path()).to_string()).unwrap();
+    for component in ["web", "processor", "notifier"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_downloader"))
+            .args([component, "-c"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{component}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("embedded store") && err.contains("serve"),
+            "{err}"
+        );
+    }
+}
