@@ -93,13 +93,43 @@ impl Default for RedisConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct ApiConfig {
     /// While this file exists `GET /hb` answers 503 (load-balancer drain).
     pub heartbeat_path: Option<PathBuf>,
     /// Largest accepted `POST /download` body, in bytes.
     pub max_body_bytes: Option<usize>,
+    /// Seconds a connection may take to send a request's header; also bounds an idle
+    /// keep-alive connection (slowloris clients are cut off).
+    pub header_timeout_secs: f64,
+    /// Seconds a request body may stall between two chunks.
+    pub body_timeout_secs: f64,
+    /// Seconds shutdown waits for open connections to finish.
+    pub shutdown_grace_secs: f64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            heartbeat_path: None,
+            max_body_bytes: None,
+            header_timeout_secs: 30.0,
+            body_timeout_secs: 30.0,
+            shutdown_grace_secs: 30.0,
+        }
+    }
+}
+
+impl ApiConfig {
+    /// The server's timeouts.
+    pub fn limits(&self) -> crate::web::Limits {
+        crate::web::Limits {
+            header_timeout: Duration::from_secs_f64(self.header_timeout_secs),
+            body_timeout: Duration::from_secs_f64(self.body_timeout_secs),
+            shutdown_grace: Duration::from_secs_f64(self.shutdown_grace_secs),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,6 +288,17 @@ impl Config {
                 "key `notifier.deletion_interval`: must be a number of minutes greater than 0"
                     .into(),
             );
+        }
+        for (key, v) in [
+            ("api.header_timeout_secs", self.api.header_timeout_secs),
+            ("api.body_timeout_secs", self.api.body_timeout_secs),
+            ("api.shutdown_grace_secs", self.api.shutdown_grace_secs),
+        ] {
+            if !(v > 0.0 && v < 1e6) {
+                return Err(format!(
+                    "key `{key}`: must be a number of seconds greater than 0"
+                ));
+            }
         }
         if self.notifier.concurrency == 0 {
             return Err("key `notifier.concurrency`: must be greater than 0".into());

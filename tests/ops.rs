@@ -208,3 +208,91 @@ async fn restart_on_an_activated_socket_loses_no_request() {
         "requests failed during the restart"
     );
 }
+
+/// Reads from `s` until the server closes the connection (or 15 s pass); returns what came.
+async fn read_until_closed(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the server kept the connection open for 15 s");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_and_idle_clients_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let svc = Service::start_with(
+        json!({"api": {"header_timeout_secs": 1, "body_timeout_secs": 1}}),
+        &[],
+    )
+    .await;
+    let connect = || tokio::net::TcpStream::connect(svc.web_addr);
+
+    // Slowloris: half a header, then silence.
+    let mut s = connect().await.unwrap();
+    let t = std::time::Instant::now();
+    s.write_all(b"GET /hb HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    read_until_closed(&mut s).await;
+    assert!(t.elapsed().as_secs_f64() >= 0.9, "{:?}", t.elapsed());
+
+    // An idle keep-alive connection after one answered request.
+    let mut s = connect().await.unwrap();
+    s.write_all(b"GET /hb HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_until_closed(&mut s).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+
+    // A body that stalls: 408 with a JSON error.
+    let mut s = connect().await.unwrap();
+    s.write_all(
+        b"POST /download HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"aggr_id\"",
+    )
+    .await
+    .unwrap();
+    let got = read_until_closed(&mut s).await;
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    assert!(got.contains(r#"{"error":"request body timed out"#), "{got}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_answers_a_connection_accepted_before_its_request() {
+    use tokio::io::AsyncWriteExt;
+    let mut svc = Service::start_with(json!({}), &[]).await;
+    // Connected (and accepted) but not a byte sent when SIGTERM arrives: the request
+    // that follows must still be answered, not dropped with the connection.
+    let mut s = tokio::net::TcpStream::connect(svc.web_addr).await.unwrap();
+    let accepted = format!("connection accepted peer={}", s.local_addr().unwrap());
+    eventually(10, "web to accept the connection", async || {
+        lines_of(&svc, "web")
+            .iter()
+            .any(|l| l.contains(&accepted))
+            .then_some(())
+    })
+    .await;
+    svc.signal("web", 15);
+    eventually(10, "web to start draining", async || {
+        lines_of(&svc, "web")
+            .iter()
+            .any(|l| l.contains("draining open connections"))
+            .then_some(())
+    })
+    .await;
+    s.write_all(b"GET /hb HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_until_closed(&mut s).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(svc.sigterm("web").success());
+}

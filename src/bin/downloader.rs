@@ -207,7 +207,7 @@ async fn web(
     let thumbnailer = Arc::new(Thumbnailer::new(cfg.thumbnail.clone()));
     let app = downloader::web::router(state, cfg.api.max_body_bytes, None, thumbnailer);
     let sd = downloader::systemd::ready(shutdown.clone());
-    downloader::web::serve(listener, app, shutdown).await?;
+    downloader::web::serve(listener, app, shutdown, cfg.api.limits()).await?;
     let _ = sd.await;
     Ok(())
 }
@@ -247,7 +247,7 @@ async fn serve(
     tracing::info!(download_url = %cfg.download_url().unwrap_or_default(), "serve started");
     let sd = downloader::systemd::ready(shutdown.clone());
     let (web, (), (), _) = tokio::join!(
-        downloader::web::serve(listener, app, shutdown.clone()),
+        downloader::web::serve(listener, app, shutdown.clone(), cfg.api.limits()),
         processor.run(&cfg, shutdown.clone()),
         notifier.run(&cfg, shutdown.clone()),
         sd,

@@ -69,15 +69,12 @@ async fn make(
         Ok(b) => b,
         Err(rej) => {
             let status = rej.status();
-            let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                format!(
-                    "request body is over the limit of {} bytes",
-                    st.thumbnailer.config().max_input_bytes
-                )
-            } else {
-                rej.body_text()
-            };
-            return error(status, msg);
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                let limit = st.thumbnailer.config().max_input_bytes;
+                let msg = format!("request body is over the limit of {limit} bytes");
+                return error(status, msg);
+            }
+            return crate::web::body_error(rej).into_response();
         }
     };
     match tokio::time::timeout(st.timeout, st.thumbnailer.make(body, spec)).await {

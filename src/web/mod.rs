@@ -12,13 +12,15 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::job::{JobSpec, is_valid_id, new_id};
 use crate::store::{RetryCallback, Store};
+
+pub mod server;
+pub use server::{Limits, serve};
 
 /// Largest `POST /download` body accepted by default.
 const DEFAULT_MAX_BODY: usize = 1 << 20;
@@ -70,6 +72,17 @@ impl From<crate::store::StoreError> for ApiError {
 }
 
 type ApiResult = Result<Response, ApiError>;
+
+/// A request body that could not be read: 408 when it stalled, else the rejection's own status.
+pub fn body_error(e: BytesRejection) -> ApiError {
+    if server::is_body_timeout(&e) {
+        return ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body timed out: the client stopped sending".into(),
+        );
+    }
+    ApiError(e.status(), format!("cannot read request body: {e}"))
+}
 
 /// The API's routes and `POST /thumbnail`; with `files`, also serves that directory
 /// at `/files/` (for `serve`, so that callbacks' `download_url`s work out of the box).
@@ -141,19 +154,8 @@ pub fn router(
     .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
 }
 
-/// Serves the API on `listener` until `shutdown`, finishing in-flight requests.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-}
-
 async fn submit(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
-    let body = body.map_err(|e| ApiError(e.status(), format!("cannot read request body: {e}")))?;
+    let body = body.map_err(body_error)?;
     let spec = JobSpec::from_json(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.0))?;
     let id = new_id();
     s.store.submit(&id, &spec).await?;

@@ -461,7 +461,8 @@ impl Service {
             .arg("-c")
             .arg(&self.config)
             .env("DOWNLOADER_TEST_TIME", "1")
-            .env("DOWNLOADER_LOG", "info")
+            // Accepted connections are logged at debug: tests wait on them.
+            .env("DOWNLOADER_LOG", "info,downloader::web::server=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
