@@ -160,6 +160,14 @@ pub struct ProcessorConfig {
     pub max_concurrent_downloads: usize,
     /// Seconds that in-flight downloads get to finish after SIGTERM.
     pub shutdown_grace_secs: u64,
+    /// Downloads from one origin host at once, over every processor (0: no limit).
+    pub per_host_concurrency: u32,
+    /// Requests per second to one origin host, over every processor (0: no limit).
+    pub per_host_rate: f64,
+    /// Requests to one host that may start at once after an idle spell (with a rate).
+    pub per_host_burst: u32,
+    /// Longest pause an origin's Retry-After (on 429 or 503) may impose on its host.
+    pub max_host_pause_secs: f64,
 }
 
 impl Default for ProcessorConfig {
@@ -178,6 +186,10 @@ impl Default for ProcessorConfig {
             download_timeout: 60,
             max_concurrent_downloads: 1024,
             shutdown_grace_secs: 30,
+            per_host_concurrency: 0,
+            per_host_rate: 0.0,
+            per_host_burst: 1,
+            max_host_pause_secs: 600.0,
         }
     }
 }
@@ -326,6 +338,22 @@ impl Config {
         if self.thumbnail.threads == 0 {
             return Err("key `thumbnail.threads`: must be greater than 0".into());
         }
+        let p = &self.processor;
+        if !(p.per_host_rate.is_finite() && (0.0..=crate::job::MAX_RATE).contains(&p.per_host_rate)) {
+            return Err(format!(
+                "key `processor.per_host_rate`: must be a number of requests per second from 0 (off) to {}",
+                crate::job::MAX_RATE
+            ));
+        }
+        if p.per_host_burst == 0 {
+            return Err("key `processor.per_host_burst`: must be greater than 0".into());
+        }
+        if !(p.max_host_pause_secs > 0.0 && p.max_host_pause_secs <= 86_400.0) {
+            return Err(
+                "key `processor.max_host_pause_secs`: must be a number of seconds from 0 to 86400 (exclusive of 0)"
+                    .into(),
+            );
+        }
         if self.processor.max_concurrent_downloads == 0 {
             return Err("key `processor.max_concurrent_downloads`: must be greater than 0".into());
         }
@@ -444,6 +472,15 @@ impl Config {
     }
 
     /// How long a finished job's file and record are kept.
+    /// Per-host politeness (`processor.per_host_*`).
+    pub fn host_limits(&self) -> crate::store::HostLimits {
+        crate::store::HostLimits {
+            rate: self.processor.per_host_rate,
+            burst: self.processor.per_host_burst,
+            concurrency: self.processor.per_host_concurrency,
+        }
+    }
+
     pub fn deletion_delay(&self) -> Duration {
         Duration::from_secs_f64(self.notifier.deletion_interval * 60.0)
     }

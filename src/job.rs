@@ -18,6 +18,12 @@ pub struct JobSpec {
     pub aggr_limit: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggr_proxy: Option<String>,
+    /// Requests per second the aggregation may start (GCRA, across processors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggr_rate: Option<f64>,
+    /// Requests the aggregation may start at once after an idle spell (with a rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggr_burst: Option<u32>,
     /// Where the callback goes; `None` only for jobs with their own S3 bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback: Option<Callback>,
@@ -37,6 +43,11 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub thumbnails: Vec<Value>,
 }
+
+/// Highest `aggr_rate` accepted (requests per second).
+pub const MAX_RATE: f64 = 100_000.0;
+/// Highest `aggr_burst` accepted.
+pub const MAX_BURST: u64 = 100_000;
 
 /// Thumbnails one job may ask for.
 pub const MAX_THUMBNAILS: usize = 8;
@@ -161,6 +172,33 @@ impl JobSpec {
                     ));
                 }
                 Some(p.to_string())
+            }
+        };
+
+        let aggr_rate = match obj.get("aggr_rate") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_f64()
+                    .filter(|r| r.is_finite() && *r > 0.0 && *r <= MAX_RATE)
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "aggr_rate must be a number of requests per second > 0 and <= {MAX_RATE}, got {}",
+                            short(v)
+                        ))
+                    })?,
+            ),
+        };
+        let aggr_burst = match obj.get("aggr_burst") {
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                let b = positive_int("aggr_burst", v, 1)?;
+                if b > MAX_BURST {
+                    return Err(invalid(format!("aggr_burst must be at most {MAX_BURST}")));
+                }
+                if aggr_rate.is_none() {
+                    return Err(invalid("aggr_burst needs an aggr_rate"));
+                }
+                Some(b as u32)
             }
         };
 
@@ -295,6 +333,8 @@ impl JobSpec {
             aggr_id: aggr_id.to_string(),
             aggr_limit,
             aggr_proxy,
+            aggr_rate,
+            aggr_burst,
             callback: Some(callback),
             extra,
             mime_type,
@@ -430,6 +470,10 @@ pub struct JobRecord {
     pub finished_at: u64,
     pub callback_at: u64,
     pub next_attempt_at: u64,
+    /// Why a pending download is not running yet (`aggr_rate`, `host_paused`,
+    /// `host_rate`, `host_concurrency`); `next_attempt_at` says until when.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub waiting_for: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub thumbnails_made: Vec<ThumbnailInfo>,
 }
@@ -457,12 +501,30 @@ impl JobRecord {
             finished_at: n("finished_at"),
             callback_at: n("cb_at"),
             next_attempt_at: n("next_at"),
+            waiting_for: if f.get("dl_state").is_some_and(|s| s == state::PENDING) && n("next_at") > 0 {
+                s("wait")
+            } else {
+                String::new()
+            },
             thumbnails_made: match f.get("thumbs").map(String::as_str) {
                 None | Some("") => Vec::new(),
                 Some(j) => serde_json::from_str(j)
                     .map_err(|e| format!("job {id}: corrupt thumbnails: {e}"))?,
             },
         })
+    }
+
+    /// Pending in its aggregation's queue (not delayed, not running).
+    pub fn queued(&self) -> bool {
+        self.download_state == state::PENDING && self.next_attempt_at == 0
+    }
+
+    /// Records that the job's aggregation waits for its rate until `until` (ms).
+    pub fn set_rate_wait(&mut self, until: Option<u64>) {
+        if let Some(until) = until {
+            self.waiting_for = crate::store::WaitReason::AggrRate.as_str().to_string();
+            self.next_attempt_at = until;
+        }
     }
 
     /// The JSON body POSTed to the client's callback.

@@ -148,6 +148,11 @@ conformance!(
     claim_many_respects_the_limit_within_one_call,
     claim_many_callbacks_in_queue_order,
     concurrent_submits_with_a_duplicate_id,
+    aggr_rate_spaces_claims_without_holding_slots,
+    aggr_burst_allows_that_many_at_once,
+    host_rate_books_slots_across_aggregations,
+    host_concurrency_caps_and_frees,
+    host_pause_defers_without_spending_an_attempt,
 );
 
 // ------------------------------------------------------------------ helpers
@@ -169,6 +174,16 @@ fn spec(aggr: &str, limit: u32, proxy: Option<&str>) -> JobSpec {
         download_timeout: None,
         request_headers: Default::default(),
         thumbnails: Vec::new(),
+        aggr_rate: None,
+        aggr_burst: None,
+    }
+}
+
+fn rated(aggr: &str, limit: u32, rate: f64, burst: u32) -> JobSpec {
+    JobSpec {
+        aggr_rate: Some(rate),
+        aggr_burst: Some(burst),
+        ..spec(aggr, limit, None)
     }
 }
 
@@ -218,6 +233,16 @@ async fn claim_eventually(s: &Arc<dyn Store>, q: Queue, lease: Duration, secs: u
     }
 }
 
+/// The dashboard's list as (aggregation, pending) pairs.
+async fn aggrs(s: &Arc<dyn Store>) -> Vec<(String, u64)> {
+    s.aggregations()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.name, a.pending))
+        .collect()
+}
+
 async fn job(s: &Arc<dyn Store>, id: &str) -> downloader::job::JobRecord {
     s.get_job(id)
         .await
@@ -229,6 +254,170 @@ async fn job(s: &Arc<dyn Store>, id: &str) -> downloader::job::JobRecord {
 
 mod cases {
     use super::*;
+    use downloader::store::{HostLimits, HostPermit, WaitReason};
+
+    pub async fn aggr_rate_spaces_claims_without_holding_slots(s: Arc<dyn Store>) {
+        // 2/s, burst 1, limit 10: one claim now, the next about 500 ms later.
+        let ids: Vec<String> = (0..3).map(|_| new_id()).collect();
+        for id in &ids {
+            s.submit(id, &rated("rate", 10, 2.0, 1)).await.unwrap();
+        }
+        let t0 = Instant::now();
+        let (got, _) = s.claim_many(Queue::Download, LONG, 10).await.unwrap();
+        assert_eq!(got.len(), 1, "one claim within the first interval");
+        let due = empty(&s, Queue::Download).await.expect("a due time for the rate");
+        assert!(
+            due <= Duration::from_millis(500) && due >= Duration::from_millis(300),
+            "{due:?}"
+        );
+        // The waiting aggregation is shown, and so is its jobs' reason.
+        let list = s.aggregations().await.unwrap();
+        assert_eq!(list.len(), 1);
+        assert!(list[0].rate_wait_until.is_some(), "{list:?}");
+        let rec = job(&s, &ids[1]).await;
+        assert_eq!(rec.waiting_for, "aggr_rate");
+        assert!(rec.next_attempt_at > 0);
+        // Finishing the running job frees a slot but not the rate.
+        s.finish_download(&got[0].job.id, &got[0].token, &ok_result(), HOUR)
+            .await
+            .unwrap();
+        if t0.elapsed() < Duration::from_millis(400) {
+            empty(&s, Queue::Download).await;
+        }
+        let second = claim_eventually(&s, Queue::Download, LONG, 5).await;
+        assert!(
+            t0.elapsed() >= Duration::from_millis(480),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(second.job.id, ids[1], "FIFO within the aggregation");
+        assert_eq!(job(&s, &ids[2]).await.waiting_for, "aggr_rate");
+        // A later job without a rate lifts it.
+        s.submit(&new_id(), &spec("rate", 10, None)).await.unwrap();
+        let (got, _) = s.claim_many(Queue::Download, LONG, 10).await.unwrap();
+        assert_eq!(got.len(), 2, "no rate any more");
+    }
+
+    pub async fn aggr_burst_allows_that_many_at_once(s: Arc<dyn Store>) {
+        for _ in 0..6 {
+            s.submit(&new_id(), &rated("burst", 10, 1.0, 3)).await.unwrap();
+        }
+        let (got, _) = s.claim_many(Queue::Download, LONG, 10).await.unwrap();
+        assert_eq!(got.len(), 3, "the burst");
+        let due = empty(&s, Queue::Download).await.expect("a due time");
+        assert!(due <= Duration::from_secs(1) && due >= Duration::from_millis(800), "{due:?}");
+        assert_eq!(aggrs(&s).await, vec![("burst".to_string(), 3)]);
+    }
+
+    const RATE: HostLimits = HostLimits {
+        rate: 4.0,
+        burst: 1,
+        concurrency: 0,
+    };
+
+    pub async fn host_rate_books_slots_across_aggregations(s: Arc<dyn Store>) {
+        // One host at 4/s shared by two aggregations: the first goes, the next two
+        // are booked 250 ms apart and deferred until then.
+        for aggr in ["h-a", "h-b", "h-a"] {
+            s.submit(&new_id(), &spec(aggr, 5, None)).await.unwrap();
+        }
+        let (got, _) = s.claim_many(Queue::Download, LONG, 10).await.unwrap();
+        assert_eq!(got.len(), 3);
+        let mut delays = Vec::new();
+        for c in &got {
+            match s.host_permit(&c.job.id, &c.token, "origin.test", RATE, LONG).await.unwrap() {
+                HostPermit::Granted => delays.push(Duration::ZERO),
+                HostPermit::Wait { delay, reason } => {
+                    assert_eq!(reason, WaitReason::HostRate);
+                    assert!(s.defer_download(&c.job.id, &c.token, delay, reason).await.unwrap());
+                    delays.push(delay);
+                }
+                HostPermit::Lost => panic!("lease lost"),
+            }
+        }
+        assert_eq!(delays[0], Duration::ZERO);
+        assert!(delays[1] > Duration::from_millis(150) && delays[1] <= Duration::from_millis(250), "{delays:?}");
+        assert!(delays[2] > Duration::from_millis(400) && delays[2] <= Duration::from_millis(500), "{delays:?}");
+        let deferred = job(&s, &got[1].job.id).await;
+        assert_eq!(deferred.waiting_for, "host_rate");
+        assert_eq!(deferred.download_attempts, 0, "deferring spends no attempt");
+        // Back at its booked time, the job goes without asking the rate again.
+        let c = claim_eventually(&s, Queue::Download, LONG, 5).await;
+        assert_eq!(
+            s.host_permit(&c.job.id, &c.token, "origin.test", RATE, LONG).await.unwrap(),
+            HostPermit::Granted
+        );
+        assert_eq!(job(&s, &c.job.id).await.download_attempts, 1);
+        // Another host is not limited by this one.
+        s.submit(&new_id(), &spec("h-c", 5, None)).await.unwrap();
+        let c = claim(&s, Queue::Download, LONG).await;
+        assert_eq!(
+            s.host_permit(&c.job.id, &c.token, "other.test", RATE, LONG).await.unwrap(),
+            HostPermit::Granted
+        );
+    }
+
+    pub async fn host_concurrency_caps_and_frees(s: Arc<dyn Store>) {
+        let one = HostLimits {
+            rate: 0.0,
+            burst: 1,
+            concurrency: 1,
+        };
+        for _ in 0..2 {
+            s.submit(&new_id(), &spec("hc", 5, None)).await.unwrap();
+        }
+        let (got, _) = s.claim_many(Queue::Download, LONG, 10).await.unwrap();
+        let permit = |c: &Claimed| {
+            let (s, id, token) = (s.clone(), c.job.id.clone(), c.token.clone());
+            async move { s.host_permit(&id, &token, "one.test", one, LONG).await.unwrap() }
+        };
+        assert_eq!(permit(&got[0]).await, HostPermit::Granted);
+        assert_eq!(permit(&got[0]).await, HostPermit::Granted, "asking again holds one slot");
+        assert!(matches!(
+            permit(&got[1]).await,
+            HostPermit::Wait { reason: WaitReason::HostConcurrency, .. }
+        ));
+        s.finish_download(&got[0].job.id, &got[0].token, &ok_result(), HOUR)
+            .await
+            .unwrap();
+        assert_eq!(permit(&got[1]).await, HostPermit::Granted, "the slot was freed");
+        // A released job frees its host slot too.
+        assert!(s.release(Queue::Download, &got[1].job.id, &got[1].token).await.unwrap());
+        let again = claim(&s, Queue::Download, LONG).await;
+        assert_eq!(permit(&again).await, HostPermit::Granted);
+        assert_eq!(
+            s.host_permit(&again.job.id, "not-the-token", "one.test", one, LONG).await.unwrap(),
+            HostPermit::Lost
+        );
+    }
+
+    pub async fn host_pause_defers_without_spending_an_attempt(s: Arc<dyn Store>) {
+        let id = new_id();
+        s.submit(&id, &spec("hp", 5, None)).await.unwrap();
+        s.pause_host("paused.test", Duration::from_millis(400)).await.unwrap();
+        // A shorter pause does not cut a longer one short.
+        s.pause_host("paused.test", Duration::from_millis(10)).await.unwrap();
+        let c = claim(&s, Queue::Download, LONG).await;
+        let HostPermit::Wait { delay, reason } = s
+            .host_permit(&id, &c.token, "paused.test", HostLimits::OFF, LONG)
+            .await
+            .unwrap()
+        else {
+            panic!("the host is paused");
+        };
+        assert_eq!(reason, WaitReason::HostPaused);
+        assert!(delay > Duration::from_millis(200) && delay <= Duration::from_millis(400), "{delay:?}");
+        assert!(s.defer_download(&id, &c.token, delay, reason).await.unwrap());
+        let rec = job(&s, &id).await;
+        assert_eq!((rec.download_attempts, rec.waiting_for.as_str()), (0, "host_paused"));
+        let c = claim_eventually(&s, Queue::Download, LONG, 5).await;
+        assert_eq!(
+            s.host_permit(&id, &c.token, "paused.test", HostLimits::OFF, LONG).await.unwrap(),
+            HostPermit::Granted
+        );
+        assert_eq!(job(&s, &id).await.download_attempts, 1);
+        assert_eq!(job(&s, &id).await.waiting_for, "");
+    }
 
     pub async fn submit_claim_finish_callback_flow(s: Arc<dyn Store>) {
         let id = new_id();
@@ -330,7 +519,7 @@ mod cases {
         assert_eq!([&a.job.id, &b.job.id], [&ids[0], &ids[1]]);
         assert_eq!(empty(&s, Queue::Download).await, None, "limit 2 reached");
         assert_eq!(
-            s.aggregations().await.unwrap(),
+            aggrs(&s).await,
             vec![("limited".to_string(), 1)]
         );
         assert!(
@@ -542,7 +731,7 @@ mod cases {
         assert_eq!(r.download_state, "Pending");
         assert_eq!(r.download_attempts, 0, "a released attempt is not counted");
         assert_eq!(
-            s.aggregations().await.unwrap(),
+            aggrs(&s).await,
             vec![("rel".to_string(), 2)]
         );
 
@@ -762,18 +951,18 @@ mod cases {
             s.submit(&new_id(), &spec(aggr, 1, None)).await.unwrap();
         }
         assert_eq!(
-            s.aggregations().await.unwrap(),
+            aggrs(&s).await,
             vec![("a-aggr".to_string(), 1), ("b-aggr".to_string(), 2)]
         );
         // Limit 1 each: two claims take one job from each aggregation.
         let x = claim(&s, Queue::Download, LONG).await;
         let y = claim(&s, Queue::Download, LONG).await;
-        let mut aggrs = [x.job.spec.aggr_id.clone(), y.job.spec.aggr_id.clone()];
-        aggrs.sort();
-        assert_eq!(aggrs, ["a-aggr", "b-aggr"]);
+        let mut taken = [x.job.spec.aggr_id.clone(), y.job.spec.aggr_id.clone()];
+        taken.sort();
+        assert_eq!(taken, ["a-aggr", "b-aggr"]);
         assert_eq!(empty(&s, Queue::Download).await, None);
         assert_eq!(
-            s.aggregations().await.unwrap(),
+            aggrs(&s).await,
             vec![("b-aggr".to_string(), 1)],
             "only aggregations with pending jobs"
         );
@@ -1110,7 +1299,7 @@ mod cases {
         assert_eq!(refused, 4);
         assert_eq!(ok.len(), 36);
         assert_eq!(
-            s.aggregations().await.unwrap(),
+            aggrs(&s).await,
             vec![("dups".to_string(), 36)]
         );
         let (got, _) = s.claim_many(Queue::Download, LONG, 64).await.unwrap();

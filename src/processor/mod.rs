@@ -16,7 +16,7 @@ pub mod net;
 use crate::config::Config;
 use crate::job::{JobRecord, ThumbnailInfo};
 use crate::stats::Stats;
-use crate::store::{Claimed, DownloadResult, Queue, Store};
+use crate::store::{Claimed, DownloadResult, HostLimits, HostPermit, Queue, Store, WaitReason};
 use crate::thumbnail::Thumbnailer;
 use crate::worker::{self, Handler, WorkerConfig, persist};
 use fetch::{Fetcher, Outcome};
@@ -32,6 +32,9 @@ pub struct Processor {
     keep: Duration,
     /// Downloads in flight here, per aggregation (for the pool counters).
     pools: Mutex<HashMap<String, usize>>,
+    host_limits: HostLimits,
+    max_host_pause: Duration,
+    lease: Duration,
 }
 
 impl Processor {
@@ -59,6 +62,9 @@ impl Processor {
             backoff: cfg.processor_backoff(),
             keep: cfg.deletion_delay(),
             pools: Mutex::new(HashMap::new()),
+            host_limits: cfg.host_limits(),
+            max_host_pause: Duration::from_secs_f64(cfg.processor.max_host_pause_secs),
+            lease: Duration::from_secs(cfg.processor.lease_secs),
         })
     }
 
@@ -247,12 +253,78 @@ impl Processor {
         };
     }
 
+    /// The origin answered 429/503 with Retry-After: pause its host (for every
+    /// processor) as long as it asks, within `max_host_pause_secs`, and run the job
+    /// again after it without spending an attempt.
+    async fn pause_host(&self, c: &Claimed, host: &str, code: u16, error: &str, after: Duration) {
+        let pause = after.min(self.max_host_pause);
+        self.stats.add("hostPauses", 1);
+        self.stats.add(&format!("download.response.{code}"), 1);
+        tracing::warn!(
+            host,
+            code,
+            error,
+            pause_ms = pause.as_millis() as u64,
+            "origin asked us to slow down: pausing its host"
+        );
+        if let Err(e) = self.store.pause_host(host, pause).await {
+            tracing::warn!(error = %e, "cannot record the host's pause");
+        }
+        self.defer(c, host, pause, WaitReason::HostPaused).await;
+    }
+
+    /// Asks the store whether the job may go to its host now. `false` when it may not
+    /// (it was deferred, or its lease is gone).
+    async fn host_allows(&self, c: &Claimed, host: &str) -> bool {
+        let (id, token) = (c.job.id.as_str(), c.token.as_str());
+        let permit = self
+            .store
+            .host_permit(id, token, host, self.host_limits, self.lease)
+            .await;
+        let (delay, reason) = match permit {
+            Ok(HostPermit::Granted) => return true,
+            Ok(HostPermit::Lost) => return false,
+            Ok(HostPermit::Wait { delay, reason }) => (delay, reason),
+            Err(e) => {
+                // Going ahead could break a host's limits; ask again shortly.
+                tracing::warn!(error = %e, "cannot check the host's limits; deferring");
+                (crate::store::HOST_SLOT_RECHECK, WaitReason::HostConcurrency)
+            }
+        };
+        self.defer(c, host, delay, reason).await;
+        false
+    }
+
+    /// Queues the job again after `delay` without spending an attempt.
+    async fn defer(&self, c: &Claimed, host: &str, delay: Duration, reason: WaitReason) {
+        self.stats.add(&format!("deferred.{}", reason.as_str()), 1);
+        tracing::info!(
+            host,
+            reason = reason.as_str(),
+            delay_ms = delay.as_millis() as u64,
+            "download deferred"
+        );
+        let (id, token) = (c.job.id.as_str(), c.token.as_str());
+        persist("defer download", || {
+            self.store.defer_download(id, token, delay, reason)
+        })
+        .await;
+    }
+
     fn count_failure(&self, code: u16) {
         self.stats.add("failures", 1);
         if code != 0 {
             self.stats.add(&format!("download.response.{code}"), 1);
         }
     }
+}
+
+/// The host a job's URL names (lower case), the key of its per-host limits.
+fn job_host(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+        .unwrap_or_default()
 }
 
 fn failed(error: String, code: u16) -> DownloadResult {
@@ -285,11 +357,19 @@ impl Handler for Processor {
             let aggr = c.job.spec.aggr_id.clone();
             self.enter(&aggr);
             tracing::debug!(url = %c.job.spec.url, "download started");
+            let host = job_host(&c.job.spec.url);
+            if !self.host_allows(&c, &host).await {
+                self.leave(&aggr);
+                return;
+            }
             let outcome = tokio::select! {
                 o = self.run_job(&c) => Some(o),
                 _ = cancel.cancelled() => None,
             };
             match outcome {
+                Some((Outcome::Retry { error, code: code @ (429 | 503), after: Some(after) }, _)) => {
+                    self.pause_host(&c, &host, code, &error, after).await
+                }
                 Some((o, thumbnails)) => self.record(&c, o, thumbnails).await,
                 None => {
                     tracing::info!("download interrupted; handing the job back");

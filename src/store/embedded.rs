@@ -37,6 +37,8 @@
 //! | `cb_queue`  | seq                      | id                                     |
 //! | `deletions` | (due, id)                | —                                      |
 //! | `stats`     | component                | (expires_at, json)                     |
+//! | `ratewait`  | (due, aggregation)       | — (waiting for its `aggr_rate`)        |
+//! | `hosts`     | host                     | JSON `{tat, pause_until, slots}`       |
 //!
 //! The job map holds the same fields as the Redis hash (`dl_state`, `dl_lease`, ...)
 //! plus the scores of the sorted-set entries it is in (`dl_lease_exp`,
@@ -51,7 +53,9 @@
 //! - read-only methods use one read transaction (a snapshot), outside the writer; a
 //!   batch whose steps changed nothing is aborted rather than committed, saving the
 //!   fsync;
-//! - expired stats are not removed, only read as absent until overwritten.
+//! - expired stats are not removed, only read as absent until overwritten;
+//! - a host's limiter state is one record, removed once it is idle (Redis: keys
+//!   that expire).
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -69,7 +73,10 @@ use redb::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
-use super::{Claimed, DownloadResult, Queue, Result, RetryCallback, Store, StoreError, millis};
+use super::{
+    AggrSummary, Claimed, DownloadResult, HOST_SLOT_RECHECK, HostLimits, HostPermit, Queue,
+    Result, RetryCallback, Store, StoreError, WaitReason, gcra, millis,
+};
 use crate::job::{JobRecord, JobSpec, state};
 
 /// As in the Redis backend: leases a job may lose before it is failed.
@@ -96,6 +103,8 @@ const DELAYED: TableDefinition<Zset, ()> = TableDefinition::new("delayed");
 const CB_QUEUE: TableDefinition<i64, Str> = TableDefinition::new("cb_queue");
 const DELETIONS: TableDefinition<(u64, Str), ()> = TableDefinition::new("deletions");
 const STATS: TableDefinition<Str, (u64, Str)> = TableDefinition::new("stats");
+const RATEWAIT: TableDefinition<(u64, Str), ()> = TableDefinition::new("ratewait");
+const HOSTS: TableDefinition<Str, Str> = TableDefinition::new("hosts");
 
 type Fields = BTreeMap<String, String>;
 
@@ -106,6 +115,30 @@ struct Aggr {
     inflight: i64,
     /// Length of the aggregation's pending list.
     pending: u64,
+    /// `aggr_rate` (0: none) and `aggr_burst`.
+    #[serde(default)]
+    rate: f64,
+    #[serde(default = "one")]
+    burst: u32,
+    /// The rate's theoretical arrival time (ms).
+    #[serde(default)]
+    tat: f64,
+    /// Its entry in `ratewait`, while it waits for its rate.
+    #[serde(default)]
+    rate_wait: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A host's politeness state: its rate's theoretical arrival time, a pause asked by
+/// the origin, and the downloads holding its slots (id → lease expiry).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Host {
+    tat: f64,
+    pause_until: u64,
+    slots: BTreeMap<String, u64>,
 }
 
 impl Default for Aggr {
@@ -116,6 +149,10 @@ impl Default for Aggr {
             proxy: String::new(),
             inflight: 0,
             pending: 0,
+            rate: 0.0,
+            burst: 1,
+            tat: 0.0,
+            rate_wait: None,
         }
     }
 }
@@ -204,6 +241,8 @@ struct W<'t> {
     cb_queue: Table<'t, i64, Str>,
     deletions: Table<'t, (u64, Str), ()>,
     stats: Table<'t, Str, (u64, Str)>,
+    ratewait: Table<'t, (u64, Str), ()>,
+    hosts: Table<'t, Str, Str>,
     wake: [bool; 2],
     /// The current step wrote something: commit (otherwise abort, saving an fsync).
     dirty: bool,
@@ -225,6 +264,8 @@ impl<'t> W<'t> {
             cb_queue: tx.open_table(CB_QUEUE)?,
             deletions: tx.open_table(DELETIONS)?,
             stats: tx.open_table(STATS)?,
+            ratewait: tx.open_table(RATEWAIT)?,
+            hosts: tx.open_table(HOSTS)?,
             wake: [false; 2],
             dirty: false,
             cursor,
@@ -289,15 +330,61 @@ impl<'t> W<'t> {
     }
 
     /// The ready-set rule (PRELUDE `refresh`): `a` is in `ready` iff it has pending
-    /// jobs and fewer downloads in flight than its limit; in `active` iff it has
-    /// pending jobs.
+    /// jobs, fewer downloads in flight than its limit and does not wait for its rate;
+    /// in `active` iff it has pending jobs.
     fn refresh(&mut self, a: &str) -> R<bool> {
         let ag = self.aggr(a)?;
         let has_pending = ag.pending > 0;
         self.set_member(false, a, has_pending)?;
-        let ready = has_pending && ag.inflight < ag.limit;
+        let ready = has_pending && ag.inflight < ag.limit && ag.rate_wait.is_none();
         self.set_member(true, a, ready)?;
         Ok(ready)
+    }
+
+    /// Puts `a` in `ratewait` until `at` (or, with `None`, takes it out); the caller
+    /// then refreshes it.
+    fn set_rate_wait(&mut self, a: &str, ag: &mut Aggr, at: Option<u64>) -> R<()> {
+        if let Some(old) = ag.rate_wait.take() {
+            self.ratewait.remove((old, a))?;
+        }
+        if let Some(at) = at {
+            self.ratewait.insert((at, a), ())?;
+            ag.rate_wait = Some(at);
+        }
+        self.put_aggr(a, ag)
+    }
+
+    fn host(&self, h: &str) -> R<Host> {
+        match self.hosts.get(h)? {
+            None => Ok(Host::default()),
+            Some(v) => serde_json::from_str(v.value()).map_err(corrupt),
+        }
+    }
+
+    /// Saves `h`'s state, or drops it once it holds nothing that matters any more
+    /// (as the Redis keys expire).
+    fn put_host(&mut self, h: &str, host: &Host) -> R<()> {
+        let now = self.now;
+        if host.tat <= now as f64 && host.pause_until <= now && host.slots.is_empty() {
+            if self.hosts.remove(h)?.is_some() {
+                self.dirty = true;
+            }
+            return Ok(());
+        }
+        let json = serde_json::to_string(host).map_err(corrupt)?;
+        self.hosts.insert(h, json.as_str())?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// PRELUDE `free_host`: frees the host slot the download holds, if any.
+    fn free_host(&mut self, id: &str, f: &mut Fields) -> R<()> {
+        if let Some(h) = f.remove("host") {
+            let mut host = self.host(&h)?;
+            host.slots.remove(id);
+            self.put_host(&h, &host)?;
+        }
+        Ok(())
     }
 
     fn dec_inflight(&mut self, a: &str) -> R<()> {
@@ -425,16 +512,24 @@ impl<'t> W<'t> {
         Ok(out)
     }
 
-    /// Time until the earliest delayed entry of `q`.
+    /// Time until the earliest delayed entry of `q` (for downloads, or aggregation
+    /// waiting for its rate).
     fn next_due(&self, q: Str) -> R<Option<Duration>> {
-        match self.delayed.range((q, 0u64, "")..)?.next() {
-            None => Ok(None),
+        let mut due = match self.delayed.range((q, 0u64, "")..)?.next() {
+            None => None,
             Some(e) => {
                 let (k, _) = e?;
                 let (kq, at, _) = k.value();
-                Ok((kq == q).then(|| Duration::from_millis(at.saturating_sub(self.now))))
+                (kq == q).then_some(at)
             }
+        };
+        if q == "dl"
+            && let Some((k, _)) = self.ratewait.first()?
+        {
+            let at = k.value().0;
+            due = Some(due.map_or(at, |d: u64| d.min(at)));
         }
+        Ok(due.map(|at| Duration::from_millis(at.saturating_sub(self.now))))
     }
 
     fn schedule_deletion(&mut self, id: &str, f: &mut Fields, at: u64) -> R<()> {
@@ -674,6 +769,18 @@ fn claim_downloads(
     max: usize,
 ) -> R<(Vec<Claimed>, Option<Duration>)> {
     let now = w.now;
+    let mut waited = Vec::new();
+    for e in w.ratewait.range((0u64, "")..(now.saturating_add(1), ""))? {
+        waited.push(e?.0.value().1.to_string());
+        if waited.len() >= BATCH {
+            break;
+        }
+    }
+    for a in waited {
+        let mut ag = w.aggr(&a)?;
+        w.set_rate_wait(&a, &mut ag, None)?;
+        w.refresh(&a)?;
+    }
     for (at, id) in w.due(false, "dl")? {
         w.delayed.remove(("dl", at, id.as_str()))?;
         w.dirty = true;
@@ -698,6 +805,7 @@ fn claim_downloads(
             continue;
         };
         f.remove("dl_lease");
+        w.free_host(&id, &mut f)?;
         incr(&mut f, "dl_attempts", -1);
         let lost = incr(&mut f, "dl_lost", 1);
         w.dec_inflight(&a)?;
@@ -726,7 +834,20 @@ fn claim_downloads(
             break;
         };
         w.cursor.clone_from(&a);
-        let ag = w.aggr(&a)?;
+        let mut ag = w.aggr(&a)?;
+        if ag.inflight < ag.limit && ag.pending > 0 && ag.rate > 0.0 {
+            let (allowed, at) = gcra(&mut ag.tat, ag.rate, ag.burst, now, false);
+            if allowed {
+                // The next one is not allowed yet: wait for it out of `ready` right away.
+                let next = (at > now as f64).then(|| at.ceil() as u64);
+                w.set_rate_wait(&a, &mut ag, next)?;
+            } else {
+                // Waits out of `ready`, holding no slot; claims come back then.
+                w.set_rate_wait(&a, &mut ag, Some(at.ceil() as u64))?;
+                w.refresh(&a)?;
+                continue;
+            }
+        }
         if ag.inflight < ag.limit
             && let Some(id) = w.pop_pending(&a)?
         {
@@ -741,6 +862,7 @@ fn claim_downloads(
             w.put_aggr(&a, &ag)?;
             w.refresh(&a)?;
             w.zadd(true, "dl", &id, &mut f, now.saturating_add(lease))?;
+            f.remove("wait");
             set(&mut f, "dl_state", state::IN_PROGRESS);
             set(&mut f, "dl_lease", token);
             set(&mut f, "started_at", now);
@@ -891,6 +1013,8 @@ impl EmbeddedStore {
             tx.open_table(CB_QUEUE).map_err(Fail::from)?;
             tx.open_table(DELETIONS).map_err(Fail::from)?;
             tx.open_table(STATS).map_err(Fail::from)?;
+            tx.open_table(RATEWAIT).map_err(Fail::from)?;
+            tx.open_table(HOSTS).map_err(Fail::from)?;
         }
         tx.commit().map_err(Fail::from)?;
         let db = Arc::new(db);
@@ -968,7 +1092,10 @@ impl Store for EmbeddedStore {
             let mut ag = w.aggr(a)?;
             ag.limit = i64::from(spec.aggr_limit);
             ag.proxy = spec.aggr_proxy.clone().unwrap_or_default();
-            w.put_aggr(a, &ag)?;
+            ag.rate = spec.aggr_rate.unwrap_or(0.0);
+            ag.burst = spec.aggr_burst.unwrap_or(1);
+            // The rate may have changed: the next claim looks again.
+            w.set_rate_wait(a, &mut ag, None)?;
             let mut f = Fields::new();
             set(&mut f, "spec", &json);
             set(&mut f, "aggr", a);
@@ -1047,6 +1174,15 @@ impl Store for EmbeddedStore {
                     w.zadd(true, q, id, &mut f, expiry)?;
                     w.put_job(id, &f)?;
                 }
+                if q == "dl"
+                    && let Some(h) = f.get("host")
+                {
+                    let mut host = w.host(h)?;
+                    if let Some(exp) = host.slots.get_mut(id.as_str()) {
+                        *exp = expiry;
+                        w.put_host(h, &host)?;
+                    }
+                }
                 out.push(true);
             }
             Ok(out)
@@ -1072,6 +1208,7 @@ impl Store for EmbeddedStore {
             let now = w.now;
             w.zrem(true, "dl", &id, &mut f)?;
             f.remove("dl_lease");
+            w.free_host(&id, &mut f)?;
             let st = if r.success {
                 state::SUCCESS
             } else {
@@ -1110,6 +1247,7 @@ impl Store for EmbeddedStore {
             let at = w.now.saturating_add(delay);
             w.zrem(true, "dl", &id, &mut f)?;
             f.remove("dl_lease");
+            w.free_host(&id, &mut f)?;
             set(&mut f, "dl_state", state::PENDING);
             set(&mut f, "dl_error", &r.error);
             set(&mut f, "response_code", r.response_code);
@@ -1118,6 +1256,119 @@ impl Store for EmbeddedStore {
             let a = f.get("aggr").cloned().unwrap_or_default();
             w.free_slot(&a)?;
             // A sleeping processor re-reads the earliest due time.
+            w.wake(Queue::Download);
+            w.put_job(&id, &f)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn host_permit(
+        &self,
+        id: &str,
+        token: &str,
+        host: &str,
+        limits: HostLimits,
+        lease: Duration,
+    ) -> Result<HostPermit> {
+        let (id, token, h, lease) = (
+            id.to_string(),
+            token.to_string(),
+            host.to_string(),
+            millis(lease),
+        );
+        self.write(move |w| {
+            let wait = |delay: u64, reason| HostPermit::Wait {
+                delay: Duration::from_millis(delay),
+                reason,
+            };
+            let Some(mut f) = w.job(&id)? else {
+                return Ok(HostPermit::Lost);
+            };
+            if !holds(&f, "dl", &token) {
+                return Ok(HostPermit::Lost);
+            }
+            let now = w.now;
+            let mut host = w.host(&h)?;
+            if host.pause_until > now {
+                return Ok(wait(host.pause_until - now, WaitReason::HostPaused));
+            }
+            if limits.concurrency > 0 {
+                host.slots.retain(|_, exp| *exp > now);
+                if !host.slots.contains_key(&id) && host.slots.len() >= limits.concurrency as usize
+                {
+                    w.put_host(&h, &host)?;
+                    return Ok(wait(millis(HOST_SLOT_RECHECK), WaitReason::HostConcurrency));
+                }
+            }
+            if limits.rate > 0.0 {
+                // A job refused earlier comes back at the slot it booked then.
+                let booked = num(&f, "host_slot").max(0) as u64;
+                if booked > now {
+                    return Ok(wait(booked - now, WaitReason::HostRate));
+                }
+                if booked > 0 {
+                    f.remove("host_slot");
+                } else {
+                    let (allowed, at) =
+                        gcra(&mut host.tat, limits.rate, limits.burst, now, true);
+                    if !allowed {
+                        let when = at.ceil() as u64;
+                        set(&mut f, "host_slot", when);
+                        w.put_host(&h, &host)?;
+                        w.put_job(&id, &f)?;
+                        return Ok(wait(when - now, WaitReason::HostRate));
+                    }
+                }
+            }
+            if limits.concurrency > 0 {
+                host.slots.insert(id.clone(), now.saturating_add(lease));
+                set(&mut f, "host", &h);
+            }
+            w.put_host(&h, &host)?;
+            w.put_job(&id, &f)?;
+            Ok(HostPermit::Granted)
+        })
+        .await
+    }
+
+    async fn pause_host(&self, host: &str, pause: Duration) -> Result<()> {
+        let (h, pause) = (host.to_string(), millis(pause).max(1));
+        self.write(move |w| {
+            let mut host = w.host(&h)?;
+            host.pause_until = host.pause_until.max(w.now.saturating_add(pause));
+            w.put_host(&h, &host)
+        })
+        .await
+    }
+
+    async fn defer_download(
+        &self,
+        id: &str,
+        token: &str,
+        delay: Duration,
+        reason: WaitReason,
+    ) -> Result<bool> {
+        let (id, token, delay) = (id.to_string(), token.to_string(), millis(delay));
+        self.write(move |w| {
+            let Some(mut f) = w.job(&id)? else {
+                return Ok(false);
+            };
+            if !holds(&f, "dl", &token) {
+                return Ok(false);
+            }
+            let at = w.now.saturating_add(delay);
+            w.zrem(true, "dl", &id, &mut f)?;
+            f.remove("dl_lease");
+            w.free_host(&id, &mut f)?;
+            // Not an attempt: the origin was never asked.
+            incr(&mut f, "dl_attempts", -1);
+            set(&mut f, "dl_state", state::PENDING);
+            set(&mut f, "wait", reason.as_str());
+            set(&mut f, "next_at", at);
+            w.zadd(false, "dl", &id, &mut f, at)?;
+            let a = f.get("aggr").cloned().unwrap_or_default();
+            w.free_slot(&a)?;
             w.wake(Queue::Download);
             w.put_job(&id, &f)?;
             Ok(true)
@@ -1137,6 +1388,9 @@ impl Store for EmbeddedStore {
             }
             w.zrem(true, q, &id, &mut f)?;
             f.remove(&format!("{q}_lease"));
+            if queue == Queue::Download {
+                w.free_host(&id, &mut f)?;
+            }
             let attempts = format!("{q}_attempts");
             incr(&mut f, &attempts, -1);
             set(&mut f, &format!("{q}_state"), state::PENDING);
@@ -1257,13 +1511,20 @@ impl Store for EmbeddedStore {
                     return Ok(None);
                 };
                 let f: Fields = serde_json::from_str(v.value()).map_err(corrupt)?;
-                JobRecord::from_fields(&id, &f).map(Some).map_err(corrupt)
+                let mut rec = JobRecord::from_fields(&id, &f).map_err(corrupt)?;
+                if rec.queued()
+                    && let Some(v) = tx.open_table(AGGRS)?.get(rec.spec.aggr_id.as_str())?
+                {
+                    let ag: Aggr = serde_json::from_str(v.value()).map_err(corrupt)?;
+                    rec.set_rate_wait(ag.rate_wait);
+                }
+                Ok(Some(rec))
             })
         })
         .await
     }
 
-    async fn aggregations(&self) -> Result<Vec<(String, u64)>> {
+    async fn aggregations(&self) -> Result<Vec<AggrSummary>> {
         self.run(|s| {
             s.read(|tx| {
                 let active = tx.open_table(ACTIVE)?;
@@ -1271,19 +1532,18 @@ impl Store for EmbeddedStore {
                 let mut out = Vec::new();
                 for e in active.iter()? {
                     let name = e?.0.value().to_string();
-                    let n = match aggrs.get(name.as_str())? {
-                        Some(v) => {
-                            serde_json::from_str::<Aggr>(v.value())
-                                .map_err(corrupt)?
-                                .pending
-                        }
-                        None => 0,
+                    let ag = match aggrs.get(name.as_str())? {
+                        Some(v) => serde_json::from_str::<Aggr>(v.value()).map_err(corrupt)?,
+                        None => Aggr::default(),
                     };
-                    if n > 0 {
-                        out.push((name, n));
+                    if ag.pending > 0 {
+                        out.push(AggrSummary {
+                            name,
+                            pending: ag.pending,
+                            rate_wait_until: ag.rate_wait,
+                        });
                     }
                 }
-                out.sort();
                 Ok(out)
             })
         })

@@ -54,6 +54,85 @@ pub struct DownloadResult {
     pub thumbnails: String,
 }
 
+/// Per-host politeness, the same in every processor's config: `rate` requests per
+/// second to one host (0: off) with `burst`, and at most `concurrency` downloads from
+/// one host at once (0: off).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostLimits {
+    pub rate: f64,
+    pub burst: u32,
+    pub concurrency: u32,
+}
+
+impl HostLimits {
+    pub const OFF: HostLimits = HostLimits {
+        rate: 0.0,
+        burst: 1,
+        concurrency: 0,
+    };
+}
+
+/// How long a download refused for its host's concurrency waits before it asks again.
+pub const HOST_SLOT_RECHECK: Duration = Duration::from_millis(200);
+
+/// Whether a claimed download may go to its host now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPermit {
+    Granted,
+    /// Not yet: defer the job by `delay` (see [`Store::defer_download`]).
+    Wait {
+        delay: Duration,
+        reason: WaitReason,
+    },
+    /// The lease is gone.
+    Lost,
+}
+
+/// Why a pending download is waiting (shown by `GET /jobs/{id}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitReason {
+    /// Its aggregation's `aggr_rate`.
+    AggrRate,
+    /// The host asked for a pause (429/503 with Retry-After).
+    HostPaused,
+    /// `processor.per_host_rate`.
+    HostRate,
+    /// `processor.per_host_concurrency`.
+    HostConcurrency,
+}
+
+impl WaitReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitReason::AggrRate => "aggr_rate",
+            WaitReason::HostPaused => "host_paused",
+            WaitReason::HostRate => "host_rate",
+            WaitReason::HostConcurrency => "host_concurrency",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<WaitReason> {
+        [
+            WaitReason::AggrRate,
+            WaitReason::HostPaused,
+            WaitReason::HostRate,
+            WaitReason::HostConcurrency,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+/// An aggregation with pending downloads (the dashboard's list).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggrSummary {
+    pub name: String,
+    pub pending: u64,
+    /// When it may start its next download, if it is waiting for its rate (ms since
+    /// the Unix epoch).
+    pub rate_wait_until: Option<u64>,
+}
+
 /// Result of `POST /retry/{id}`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RetryCallback {
@@ -137,6 +216,34 @@ pub trait Store: Send + Sync + 'static {
         delay: Duration,
     ) -> Result<bool>;
 
+    /// Asks whether the claimed download `id` may go to `host` now: not while the host
+    /// is paused, over `limits.concurrency` downloads, or over `limits.rate` (a refused
+    /// job books the host's next free slot, so it comes back exactly then). A grant
+    /// holds one of the host's slots until the job finishes, is retried, deferred or
+    /// released, or its lease expires.
+    async fn host_permit(
+        &self,
+        id: &str,
+        token: &str,
+        host: &str,
+        limits: HostLimits,
+        lease: Duration,
+    ) -> Result<HostPermit>;
+
+    /// Pauses downloads from `host` for `pause` (an origin's Retry-After); a longer
+    /// pause already in force is kept.
+    async fn pause_host(&self, host: &str, pause: Duration) -> Result<()>;
+
+    /// Frees the slot and queues the download again after `delay` without counting an
+    /// attempt (the origin was not asked, or asked us to wait); `reason` is shown.
+    async fn defer_download(
+        &self,
+        id: &str,
+        token: &str,
+        delay: Duration,
+        reason: WaitReason,
+    ) -> Result<bool>;
+
     /// Hands a claimed job back untouched (shutdown): its attempt is not counted.
     async fn release(&self, queue: Queue, id: &str, token: &str) -> Result<bool>;
 
@@ -166,8 +273,8 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_job(&self, id: &str) -> Result<Option<JobRecord>>;
 
-    /// Aggregations with pending downloads and how many each has.
-    async fn aggregations(&self) -> Result<Vec<(String, u64)>>;
+    /// Aggregations with pending downloads, by name.
+    async fn aggregations(&self) -> Result<Vec<AggrSummary>>;
 
     /// Stores a component's latest stats report, kept for `ttl`.
     async fn put_stats(&self, component: &str, json: &str, ttl: Duration) -> Result<()>;
@@ -175,7 +282,60 @@ pub trait Store: Send + Sync + 'static {
     async fn get_stats(&self, component: &str) -> Result<Option<String>>;
 }
 
+/// GCRA (the generic cell rate algorithm), as the Redis scripts' `gcra`: `tat` is
+/// the theoretical arrival time (ms; anything in the past means idle). Returns
+/// whether a request is allowed at `now` (and then counts it), and from when the
+/// next one (allowed) or this one (refused) will be. With `reserve`, a refused request books that earliest time
+/// (it is counted, and the caller comes back then).
+pub fn gcra(tat: &mut f64, rate: f64, burst: u32, now: u64, reserve: bool) -> (bool, f64) {
+    let now = now as f64;
+    let t = 1000.0 / rate;
+    let start = tat.max(now);
+    let at = start - t * f64::from(burst.max(1) - 1);
+    if at > now && !reserve {
+        return (false, at);
+    }
+    *tat = start + t;
+    if at > now {
+        (false, at)
+    } else {
+        (true, *tat - t * f64::from(burst.max(1) - 1))
+    }
+}
+
 /// Milliseconds, saturating, for the backends' arithmetic.
 pub fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gcra;
+
+    #[test]
+    fn gcra_spaces_requests_and_allows_a_burst() {
+        // 10/s (one per 100 ms), burst 3: three at once, then one per 100 ms.
+        let mut tat = 0.0;
+        for _ in 0..3 {
+            assert!(gcra(&mut tat, 10.0, 3, 1000, false).0);
+        }
+        assert_eq!(gcra(&mut tat, 10.0, 3, 1000, false), (false, 1100.0));
+        assert!(gcra(&mut tat, 10.0, 3, 1100, false).0);
+        assert_eq!(gcra(&mut tat, 10.0, 3, 1150, false), (false, 1200.0));
+        // Idle for a second: the burst is back, no more.
+        for _ in 0..3 {
+            assert!(gcra(&mut tat, 10.0, 3, 2200, false).0);
+        }
+        assert!(!gcra(&mut tat, 10.0, 3, 2200, false).0);
+    }
+
+    #[test]
+    fn gcra_reservations_book_consecutive_slots() {
+        // 2/s, burst 1: refused requests book 500 ms apart.
+        let mut tat = 0.0;
+        assert!(gcra(&mut tat, 2.0, 1, 0, true).0);
+        assert_eq!(gcra(&mut tat, 2.0, 1, 0, true), (false, 500.0));
+        assert_eq!(gcra(&mut tat, 2.0, 1, 10, true), (false, 1000.0));
+        assert_eq!(gcra(&mut tat, 2.0, 1, 20, true), (false, 1500.0));
+    }
 }

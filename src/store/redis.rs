@@ -14,7 +14,10 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value};
 use tokio::sync::Mutex;
 
-use super::{Claimed, DownloadResult, Queue, Result, RetryCallback, Store, StoreError, millis};
+use super::{
+    AggrSummary, Claimed, DownloadResult, HOST_SLOT_RECHECK, HostLimits, HostPermit, Queue,
+    Result, RetryCallback, Store, StoreError, WaitReason, millis,
+};
 use crate::config::RedisConfig;
 use crate::job::{JobRecord, JobSpec};
 
@@ -34,15 +37,16 @@ local function wake(q)
   redis.call('LPUSH', P..'wake:'..q, '1')
   redis.call('LTRIM', P..'wake:'..q, 0, 15)
 end
--- Invariant: an aggregation is in `ready` iff it has pending jobs and fewer
--- downloads in flight than its limit; it is in `aggrs` iff it has pending jobs.
+-- Invariant: an aggregation is in `ready` iff it has pending jobs, fewer downloads
+-- in flight than its limit, and is not waiting for its rate (in `ratewait`); it is
+-- in `aggrs` iff it has pending jobs.
 local function refresh(a)
   local ak = P..'aggr:'..a
   local limit = tonumber(redis.call('HGET', ak, 'limit') or '1')
   local inflight = tonumber(redis.call('HGET', ak, 'inflight') or '0')
   local len = redis.call('LLEN', P..'pending:'..a)
   if len > 0 then redis.call('SADD', P..'aggrs', a) else redis.call('SREM', P..'aggrs', a) end
-  if len > 0 and inflight < limit then
+  if len > 0 and inflight < limit and not redis.call('ZSCORE', P..'ratewait', a) then
     redis.call('SADD', P..'ready', a)
     return true
   end
@@ -53,6 +57,30 @@ local function free_slot(a)
   local ak = P..'aggr:'..a
   if redis.call('HINCRBY', ak, 'inflight', -1) < 0 then redis.call('HSET', ak, 'inflight', 0) end
   if refresh(a) then wake('dl') end
+end
+-- GCRA (the generic cell rate algorithm) on the theoretical arrival time kept in
+-- `key` (ms, expiring once it is in the past, so an idle limiter leaves no key).
+-- Returns true when a request is allowed now (and counts it) and from when the next
+-- one will be; else false and from when this one will be. With `reserve`, a refused request books the earliest slot instead (it is
+-- counted then, and the caller comes back at that time).
+local function gcra(key, rate, burst, now, reserve)
+  local t = 1000 / rate
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  local at = tat - t * (burst - 1)
+  if at > now and not reserve then return false, at end
+  local new = tat + t
+  redis.call('SET', key, string.format('%.3f', new), 'PX', math.max(1, math.ceil(new - now)))
+  if at > now then return false, at end
+  return true, new - t * (burst - 1)
+end
+-- Frees the per-host slot a download holds, if any.
+local function free_host(k, id)
+  local h = redis.call('HGET', k, 'host')
+  if h then
+    redis.call('ZREM', P..'hostslots:'..h, id)
+    redis.call('HDEL', k, 'host')
+  end
 end
 local function enqueue_callback(id, now, keep)
   local k = P..'job:'..id
@@ -73,10 +101,12 @@ fn script(body: &str) -> Script {
 static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local id, spec, a, limit, proxy, has_cb = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local id, spec, a, limit, proxy, has_cb, rate, burst = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local k = P..'job:'..id
 if redis.call('EXISTS', k) == 1 then return 0 end
-redis.call('HSET', P..'aggr:'..a, 'limit', limit, 'proxy', proxy)
+redis.call('HSET', P..'aggr:'..a, 'limit', limit, 'proxy', proxy, 'rate', rate, 'burst', burst)
+-- The rate may have changed: the next claim looks again.
+redis.call('ZREM', P..'ratewait', a)
 redis.call('HSET', k, 'spec', spec, 'aggr', a, 'has_cb', has_cb, 'dl_state', 'Pending',
   'dl_attempts', 0, 'created_at', n2s(now_ms()))
 redis.call('RPUSH', P..'pending:'..a, id)
@@ -91,6 +121,10 @@ static CLAIM_DOWNLOAD: LazyLock<Script> = LazyLock::new(|| {
         r#"
 local lease, token, max_lost, keep, max = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms()
+for _, a in ipairs(redis.call('ZRANGEBYSCORE', P..'ratewait', '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', P..'ratewait', a)
+  refresh(a)
+end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P..'dl:delayed', '-inf', now, 'LIMIT', 0, 100)) do
   redis.call('ZREM', P..'dl:delayed', id)
   local a = redis.call('HGET', P..'job:'..id, 'aggr')
@@ -106,6 +140,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P..'dl:leases', '-inf', now, 'LI
   local a = redis.call('HGET', k, 'aggr')
   if a then
     redis.call('HDEL', k, 'dl_lease')
+    free_host(k, id)
     redis.call('HINCRBY', k, 'dl_attempts', -1)
     local lost = redis.call('HINCRBY', k, 'dl_lost', 1)
     local ak = P..'aggr:'..a
@@ -131,11 +166,26 @@ while #out < max and tries < max + 16 do
   local limit = tonumber(redis.call('HGET', ak, 'limit') or '1')
   local inflight = tonumber(redis.call('HGET', ak, 'inflight') or '0')
   local id = false
-  if inflight < limit then id = redis.call('LPOP', P..'pending:'..a) end
+  if inflight < limit and redis.call('LLEN', P..'pending:'..a) > 0 then
+    local rate = tonumber(redis.call('HGET', ak, 'rate') or '0') or 0
+    local allowed, at = true, now
+    if rate > 0 then
+      allowed, at = gcra(P..'rate:'..a, rate, tonumber(redis.call('HGET', ak, 'burst') or '1') or 1, now, false)
+    end
+    if allowed then
+      id = redis.call('LPOP', P..'pending:'..a)
+      -- The next one is not allowed yet: wait for it out of `ready` right away.
+      if at > now then redis.call('ZADD', P..'ratewait', n2s(math.ceil(at)), a) end
+    else
+      -- Waits out of `ready` (refresh below), holding no slot; claims come back then.
+      redis.call('ZADD', P..'ratewait', n2s(math.ceil(at)), a)
+    end
+  end
   if id then
     redis.call('HINCRBY', ak, 'inflight', 1)
     local k = P..'job:'..id
     redis.call('ZADD', P..'dl:leases', n2s(now + lease), id)
+    redis.call('HDEL', k, 'wait')
     redis.call('HSET', k, 'dl_state', 'InProgress', 'dl_lease', token, 'started_at', n2s(now))
     redis.call('HINCRBY', k, 'dl_attempts', 1)
     out[#out + 1] = {id, redis.call('HGETALL', k), redis.call('HGET', ak, 'proxy') or ''}
@@ -143,9 +193,15 @@ while #out < max and tries < max + 16 do
   refresh(a)
 end
 if #out > 0 then return {'jobs', out} end
-local nxt = redis.call('ZRANGE', P..'dl:delayed', 0, 0, 'WITHSCORES')
-if nxt[2] then return {'empty', n2s(math.max(0, tonumber(nxt[2]) - now))} end
-return {'empty', '-1'}
+local due = -1
+for _, z in ipairs({'dl:delayed', 'ratewait'}) do
+  local nxt = redis.call('ZRANGE', P..z, 0, 0, 'WITHSCORES')
+  if nxt[2] then
+    local ms = math.max(0, tonumber(nxt[2]) - now)
+    if due < 0 or ms < due then due = ms end
+  end
+end
+return {'empty', n2s(due)}
 "#,
     )
 });
@@ -206,8 +262,14 @@ local expiry = n2s(now_ms() + lease)
 local out = {}
 for i = 3, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
-  if redis.call('HGET', P..'job:'..id, q..'_lease') == token then
+  local k = P..'job:'..id
+  if redis.call('HGET', k, q..'_lease') == token then
     redis.call('ZADD', P..q..':leases', 'XX', expiry, id)
+    local h = q == 'dl' and redis.call('HGET', k, 'host')
+    if h then
+      redis.call('ZADD', P..'hostslots:'..h, 'XX', expiry, id)
+      redis.call('PEXPIRE', P..'hostslots:'..h, 2 * lease)
+    end
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -227,6 +289,7 @@ if redis.call('HGET', k, 'dl_lease') ~= token then return 0 end
 local now = now_ms()
 redis.call('ZREM', P..'dl:leases', id)
 redis.call('HDEL', k, 'dl_lease')
+free_host(k, id)
 redis.call('HSET', k, 'dl_state', st, 'dl_error', err, 'response_code', code, 'image_size', size,
   'thumbs', thumbs, 'finished_at', n2s(now))
 free_slot(redis.call('HGET', k, 'aggr'))
@@ -245,6 +308,7 @@ if redis.call('HGET', k, 'dl_lease') ~= token then return 0 end
 local at = n2s(now_ms() + delay)
 redis.call('ZREM', P..'dl:leases', id)
 redis.call('HDEL', k, 'dl_lease')
+free_host(k, id)
 redis.call('HSET', k, 'dl_state', 'Pending', 'dl_error', err, 'response_code', code, 'next_at', at)
 redis.call('ZADD', P..'dl:delayed', at, id)
 free_slot(redis.call('HGET', k, 'aggr'))
@@ -266,6 +330,7 @@ redis.call('HDEL', k, q..'_lease')
 redis.call('HINCRBY', k, q..'_attempts', -1)
 redis.call('HSET', k, q..'_state', 'Pending')
 if q == 'dl' then
+  free_host(k, id)
   local a = redis.call('HGET', k, 'aggr')
   redis.call('LPUSH', P..'pending:'..a, id)
   free_slot(a)
@@ -273,6 +338,78 @@ else
   redis.call('LPUSH', P..'cb:queue', id)
   wake('cb')
 end
+return 1
+"#,
+    )
+});
+
+static DEFER_DOWNLOAD: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local id, token, delay, reason = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local k = P..'job:'..id
+if redis.call('HGET', k, 'dl_lease') ~= token then return 0 end
+local at = n2s(now_ms() + delay)
+redis.call('ZREM', P..'dl:leases', id)
+redis.call('HDEL', k, 'dl_lease')
+free_host(k, id)
+-- Not an attempt: the origin was never asked.
+redis.call('HINCRBY', k, 'dl_attempts', -1)
+redis.call('HSET', k, 'dl_state', 'Pending', 'wait', reason, 'next_at', at)
+redis.call('ZADD', P..'dl:delayed', at, id)
+free_slot(redis.call('HGET', k, 'aggr'))
+wake('dl')
+return 1
+"#,
+    )
+});
+
+static HOST_PERMIT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local id, token, h, rate, burst, conc, lease, recheck = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local k = P..'job:'..id
+if redis.call('HGET', k, 'dl_lease') ~= token then return {'lost', '0'} end
+local now = now_ms()
+local paused = redis.call('PTTL', P..'hostpause:'..h)
+if paused > 0 then return {'host_paused', n2s(paused)} end
+local slots = P..'hostslots:'..h
+if conc > 0 then
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+  if not redis.call('ZSCORE', slots, id) and redis.call('ZCARD', slots) >= conc then
+    return {'host_concurrency', n2s(recheck)}
+  end
+end
+if rate > 0 then
+  -- A job refused earlier comes back at the slot it booked then.
+  local booked = tonumber(redis.call('HGET', k, 'host_slot') or '0')
+  if booked > now then return {'host_rate', n2s(booked - now)} end
+  if booked > 0 then
+    redis.call('HDEL', k, 'host_slot')
+  else
+    local allowed, at = gcra(P..'hostrate:'..h, rate, burst, now, true)
+    if not allowed then
+      local when = math.ceil(at)
+      redis.call('HSET', k, 'host_slot', n2s(when))
+      return {'host_rate', n2s(when - now)}
+    end
+  end
+end
+if conc > 0 then
+  redis.call('ZADD', slots, n2s(now + lease), id)
+  redis.call('PEXPIRE', slots, 2 * lease)
+  redis.call('HSET', k, 'host', h)
+end
+return {'ok', '0'}
+"#,
+    )
+});
+
+static PAUSE_HOST: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local key, ms = P..'hostpause:'..ARGV[1], tonumber(ARGV[2])
+if redis.call('PTTL', key) < ms then redis.call('SET', key, '1', 'PX', ms) end
 return 1
 "#,
     )
@@ -481,7 +618,9 @@ impl Store for RedisStore {
                     .arg(&spec.aggr_id)
                     .arg(spec.aggr_limit)
                     .arg(spec.aggr_proxy.as_deref().unwrap_or(""))
-                    .arg(if spec.callback.is_some() { "1" } else { "0" }),
+                    .arg(if spec.callback.is_some() { "1" } else { "0" })
+                    .arg(spec.aggr_rate.unwrap_or(0.0))
+                    .arg(spec.aggr_burst.unwrap_or(1)),
             )
             .await?;
         if created == 1 {
@@ -622,6 +761,72 @@ impl Store for RedisStore {
         Ok(ok == 1)
     }
 
+    async fn host_permit(
+        &self,
+        id: &str,
+        token: &str,
+        host: &str,
+        limits: HostLimits,
+        lease: Duration,
+    ) -> Result<HostPermit> {
+        let (what, ms): (String, String) = self
+            .run(
+                HOST_PERMIT
+                    .key(&self.prefix)
+                    .arg(id)
+                    .arg(token)
+                    .arg(host)
+                    .arg(limits.rate)
+                    .arg(limits.burst.max(1))
+                    .arg(limits.concurrency)
+                    .arg(millis(lease))
+                    .arg(millis(HOST_SLOT_RECHECK)),
+            )
+            .await?;
+        let delay = Duration::from_millis(ms.parse().unwrap_or(0));
+        Ok(match what.as_str() {
+            "ok" => HostPermit::Granted,
+            "lost" => HostPermit::Lost,
+            r => HostPermit::Wait {
+                delay,
+                reason: WaitReason::parse(r)
+                    .ok_or_else(|| StoreError::Corrupt(format!("host permit reply {r:?}")))?,
+            },
+        })
+    }
+
+    async fn pause_host(&self, host: &str, pause: Duration) -> Result<()> {
+        let _: i64 = self
+            .run(
+                PAUSE_HOST
+                    .key(&self.prefix)
+                    .arg(host)
+                    .arg(millis(pause).max(1)),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn defer_download(
+        &self,
+        id: &str,
+        token: &str,
+        delay: Duration,
+        reason: WaitReason,
+    ) -> Result<bool> {
+        let ok: i64 = self
+            .run(
+                DEFER_DOWNLOAD
+                    .key(&self.prefix)
+                    .arg(id)
+                    .arg(token)
+                    .arg(millis(delay))
+                    .arg(reason.as_str()),
+            )
+            .await?;
+        Ok(ok == 1)
+    }
+
     async fn release(&self, queue: Queue, id: &str, token: &str) -> Result<bool> {
         let ok: i64 = self
             .run(
@@ -692,12 +897,18 @@ impl Store for RedisStore {
         if map.is_empty() {
             return Ok(None);
         }
-        JobRecord::from_fields(id, &map)
-            .map(Some)
-            .map_err(StoreError::Corrupt)
+        let mut rec = JobRecord::from_fields(id, &map).map_err(StoreError::Corrupt)?;
+        if rec.queued() {
+            let wait: Option<f64> = conn
+                .zscore(self.key("ratewait"), &rec.spec.aggr_id)
+                .await
+                .map_err(backend)?;
+            rec.set_rate_wait(wait.map(|w| w as u64));
+        }
+        Ok(Some(rec))
     }
 
-    async fn aggregations(&self) -> Result<Vec<(String, u64)>> {
+    async fn aggregations(&self) -> Result<Vec<AggrSummary>> {
         let mut conn = self.conn.clone();
         let names: Vec<String> = conn.smembers(self.key("aggrs")).await.map_err(backend)?;
         if names.is_empty() {
@@ -706,14 +917,24 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         for n in &names {
             pipe.llen(self.key(&format!("pending:{n}")));
+            pipe.zscore(self.key("ratewait"), n);
         }
-        let sizes: Vec<u64> = pipe.query_async(&mut conn).await.map_err(backend)?;
-        let mut out: Vec<(String, u64)> = names
-            .into_iter()
-            .zip(sizes)
-            .filter(|(_, n)| *n > 0)
-            .collect();
-        out.sort();
+        let replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(backend)?;
+        let mut out = Vec::new();
+        for (name, r) in names.into_iter().zip(replies.chunks(2)) {
+            let pending: u64 = redis::from_redis_value_ref(&r[0])
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let wait: Option<f64> = redis::from_redis_value_ref(&r[1])
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if pending > 0 {
+                out.push(AggrSummary {
+                    name,
+                    pending,
+                    rate_wait_until: wait.map(|w| w as u64),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 

@@ -218,7 +218,14 @@ async fn aggregations(State(s): State<AppState>) -> ApiResult {
         .aggregations()
         .await?
         .into_iter()
-        .map(|(name, size)| json!({ "name": format!("jobs:{name}"), "size": size }))
+        .map(|a| {
+            let mut v = json!({ "name": format!("jobs:{}", a.name), "size": a.pending });
+            if let Some(until) = a.rate_wait_until {
+                v["waiting_for"] = json!("aggr_rate");
+                v["rate_wait_until"] = json!(until);
+            }
+            v
+        })
         .collect();
     Ok(axum::Json(list).into_response())
 }
