@@ -339,7 +339,8 @@ impl Config {
             return Err("key `thumbnail.threads`: must be greater than 0".into());
         }
         let p = &self.processor;
-        if !(p.per_host_rate.is_finite() && (0.0..=crate::job::MAX_RATE).contains(&p.per_host_rate)) {
+        if !(p.per_host_rate.is_finite() && (0.0..=crate::job::MAX_RATE).contains(&p.per_host_rate))
+        {
             return Err(format!(
                 "key `processor.per_host_rate`: must be a number of requests per second from 0 (off) to {}",
                 crate::job::MAX_RATE

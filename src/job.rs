@@ -501,7 +501,9 @@ impl JobRecord {
             finished_at: n("finished_at"),
             callback_at: n("cb_at"),
             next_attempt_at: n("next_at"),
-            waiting_for: if f.get("dl_state").is_some_and(|s| s == state::PENDING) && n("next_at") > 0 {
+            waiting_for: if f.get("dl_state").is_some_and(|s| s == state::PENDING)
+                && n("next_at") > 0
+            {
                 s("wait")
             } else {
                 String::new()

@@ -506,7 +506,7 @@ async fn stats_and_dashboard_endpoints() {
     assert_eq!(svc.get("/dashboard/aggregations").await.1, json!([]));
     let p = eventually(10, "processor stats", async || {
         let (st, v) = svc.get("/stats/processor").await;
-        (st == 200 && v["spawnedWorkers"] == 4).then_some(v)
+        (st == 200 && v["spawnedWorkers"] == 4 && v["download.response.200"] == 4).then_some(v)
     })
     .await;
     for key in [

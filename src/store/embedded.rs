@@ -74,8 +74,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
 use super::{
-    AggrSummary, Claimed, DownloadResult, HOST_SLOT_RECHECK, HostLimits, HostPermit, Queue,
-    Result, RetryCallback, Store, StoreError, WaitReason, gcra, millis,
+    AggrSummary, Claimed, DownloadResult, HOST_SLOT_RECHECK, HostLimits, HostPermit, Queue, Result,
+    RetryCallback, Store, StoreError, WaitReason, gcra, millis,
 };
 use crate::job::{JobRecord, JobSpec, state};
 
@@ -1310,8 +1310,7 @@ impl Store for EmbeddedStore {
                 if booked > 0 {
                     f.remove("host_slot");
                 } else {
-                    let (allowed, at) =
-                        gcra(&mut host.tat, limits.rate, limits.burst, now, true);
+                    let (allowed, at) = gcra(&mut host.tat, limits.rate, limits.burst, now, true);
                     if !allowed {
                         let when = at.ceil() as u64;
                         set(&mut f, "host_slot", when);

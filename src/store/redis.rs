@@ -15,8 +15,8 @@ use redis::{AsyncCommands, Script, Value};
 use tokio::sync::Mutex;
 
 use super::{
-    AggrSummary, Claimed, DownloadResult, HOST_SLOT_RECHECK, HostLimits, HostPermit, Queue,
-    Result, RetryCallback, Store, StoreError, WaitReason, millis,
+    AggrSummary, Claimed, DownloadResult, HOST_SLOT_RECHECK, HostLimits, HostPermit, Queue, Result,
+    RetryCallback, Store, StoreError, WaitReason, millis,
 };
 use crate::config::RedisConfig;
 use crate::job::{JobRecord, JobSpec};
@@ -67,12 +67,13 @@ local function gcra(key, rate, burst, now, reserve)
   local t = 1000 / rate
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end
-  local at = tat - t * (burst - 1)
+  local tolerance = t * (burst - 1 + SLACK)
+  local at = tat - tolerance
   if at > now and not reserve then return false, at end
   local new = tat + t
   redis.call('SET', key, string.format('%.3f', new), 'PX', math.max(1, math.ceil(new - now)))
   if at > now then return false, at end
-  return true, new - t * (burst - 1)
+  return true, new - tolerance
 end
 -- Frees the per-host slot a download holds, if any.
 local function free_host(k, id)
@@ -95,7 +96,9 @@ end
 "#;
 
 fn script(body: &str) -> Script {
-    Script::new(&format!("{PRELUDE}\n{body}"))
+    let slack = super::GCRA_SLACK;
+    // Before the prelude: its `gcra` reads it.
+    Script::new(&format!("local SLACK = {slack}\n{PRELUDE}\n{body}"))
 }
 
 static SUBMIT: LazyLock<Script> = LazyLock::new(|| {

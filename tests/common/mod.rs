@@ -93,6 +93,20 @@ impl Origin {
             .cloned()
             .unwrap_or_default()
     }
+    /// Arrival times of every request, whatever the path, in order.
+    pub fn all_times(&self) -> Vec<Instant> {
+        let mut all: Vec<Instant> = self
+            .state
+            .times
+            .lock()
+            .unwrap()
+            .values()
+            .flatten()
+            .copied()
+            .collect();
+        all.sort();
+        all
+    }
     pub fn max_concurrency(&self, aggr: &str) -> u32 {
         self.state
             .concurrency
@@ -140,6 +154,7 @@ pub async fn start_origin() -> Origin {
         .route("/flaky/{fails}/{key}", get(flaky))
         .route("/slow/{ms}", get(slow))
         .route("/ratelimited/{n}/{key}", get(ratelimited))
+        .route("/pause/{secs}/{n}/{key}", get(pause))
         .route("/aggr/{aggr}/{n}", get(aggr))
         .route("/redirect", get(redirect))
         .with_state(state.clone());
@@ -203,6 +218,20 @@ async fn ratelimited(
 ) -> Response {
     if count(&s, &format!("/ratelimited/{n}/{key}"), &h) <= n {
         (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")]).into_response()
+    } else {
+        "ok".into_response()
+    }
+}
+
+/// 429 with `Retry-After: secs` for the first `n` requests, then a file.
+async fn pause(
+    State(s): State<Arc<OriginState>>,
+    UrlPath((secs, n, key)): UrlPath<(u32, u32, String)>,
+    h: HeaderMap,
+) -> Response {
+    if count(&s, &format!("/pause/{secs}/{n}/{key}"), &h) <= n {
+        let after = secs.to_string();
+        (StatusCode::TOO_MANY_REQUESTS, [("retry-after", after)]).into_response()
     } else {
         "ok".into_response()
     }
@@ -452,6 +481,25 @@ impl Service {
         })
         .await;
         s
+    }
+
+    /// This service's Redis keys matching `pattern` (after its prefix) with their
+    /// time to live in ms (-1: none).
+    pub fn keys_with_ttl(&self, pattern: &str) -> Vec<(String, i64)> {
+        let mut conn = self
+            .redis
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:{pattern}", self.prefix))
+            .query(&mut conn)
+            .unwrap();
+        keys.into_iter()
+            .map(|k| {
+                let ttl: i64 = redis::cmd("PTTL").arg(&k).query(&mut conn).unwrap();
+                (k, ttl)
+            })
+            .collect()
     }
 
     /// The binary with this service's config and test environment.
