@@ -71,20 +71,26 @@ impl Processor {
             Duration::from_millis(cfg.processor.stats_interval),
             stop_stats.clone(),
         ));
+        let (may_claim, gate) = tokio::sync::watch::channel(true);
+        let disk = crate::disk::DiskWatch::from_config(cfg, self.fetcher.root().to_path_buf());
+        let watcher = tokio::spawn(disk.run(may_claim, stop_stats.clone()).in_current_span());
         let wc = WorkerConfig {
             queue: Queue::Download,
             lease: Duration::from_secs(cfg.processor.lease_secs),
             max_in_flight: cfg.processor.max_concurrent_downloads,
             grace: Duration::from_secs(cfg.processor.shutdown_grace_secs),
+            may_claim: Some(gate),
         };
         self.stats.add("maxWorkers", 0);
         worker::run(self.store.clone(), wc, self.clone(), shutdown).await;
         stop_stats.cancel();
         let _ = reporter.await;
+        let _ = watcher.await;
     }
 
     fn enter(&self, aggr: &str) {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        crate::metrics::metrics().download_entered(aggr);
         let n = pools.entry(aggr.to_string()).or_default();
         *n += 1;
         if *n == 1 {
@@ -98,6 +104,7 @@ impl Processor {
     }
 
     fn leave(&self, aggr: &str) {
+        crate::metrics::metrics().download_left(aggr);
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = pools.get_mut(aggr) {
             *n -= 1;
@@ -169,7 +176,11 @@ impl Processor {
 
     /// The download and, when it succeeded, the job's thumbnails.
     async fn run_job(&self, c: &Claimed) -> (Outcome, Vec<ThumbnailInfo>) {
+        let started = std::time::Instant::now();
         let outcome = self.fetcher.fetch(&c.job, c.proxy.as_deref()).await;
+        crate::metrics::metrics()
+            .download_seconds
+            .observe(started.elapsed().as_secs_f64());
         let code = match &outcome {
             Outcome::Success { code, .. } if !c.job.spec.thumbnails.is_empty() => *code,
             _ => return (outcome, Vec::new()),
@@ -196,6 +207,7 @@ impl Processor {
                 bytes,
             } => {
                 self.stats.add(&format!("download.response.{code}"), 1);
+                crate::metrics::metrics().downloaded_bytes.inc_by(bytes);
                 tracing::info!(bytes, code, image_size, "download succeeded");
                 (
                     DownloadResult {
@@ -230,6 +242,7 @@ impl Processor {
                 }
             }
         };
+        crate::metrics::metrics().download_finished(&result, retry.is_some());
         let (id, token) = (job.id.as_str(), c.token.as_str());
         match retry {
             Some(delay) => {
