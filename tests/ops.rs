@@ -620,3 +620,82 @@ async fn no_tasks_fds_or_connections_leak_under_load() {
         Some(jobs as f64)
     );
 }
+
+/// A private Redis, killed when dropped.
+struct PrivateRedis(std::process::Child);
+
+impl PrivateRedis {
+    fn start(port: u16) -> PrivateRedis {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (the tests need Redis installed)");
+        PrivateRedis(child)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn healthz_fails_while_the_store_is_unreachable() {
+    let port = free_port();
+    let redis = PrivateRedis::start(port);
+    let addr = format!("127.0.0.1:{port}");
+    eventually(10, "the private Redis to listen", async || {
+        tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ())
+    })
+    .await;
+    let svc = Service::start_with(json!({"redis": {"addr": addr, "timeout_ms": 1000}}), &[]).await;
+    let (st, h) = svc.get("/healthz").await;
+    assert_eq!(st, 200, "{h}");
+    drop(redis);
+    let h = eventually(20, "/healthz to say unhealthy", async || {
+        let (st, h) = svc.get("/healthz").await;
+        (st == 503).then_some(h)
+    })
+    .await;
+    assert_eq!(h["status"], "unhealthy", "{h}");
+    assert!(h["error"].as_str().unwrap().contains("store"), "{h}");
+    let _redis = PrivateRedis::start(port);
+    eventually(20, "/healthz to recover with the store", async || {
+        (svc.get("/healthz").await.0 == 200).then_some(())
+    })
+    .await;
+}
+
+#[test]
+fn bad_admin_and_disk_keys_are_config_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.json");
+    for (text, key) in [
+        (
+            r#"{"redis": {}, "processor": {"admin_addr": "nowhere"}}"#,
+            "processor.admin_addr",
+        ),
+        (
+            r#"{"redis": {}, "processor": {"disk_high_watermark_percent": 0}}"#,
+            "processor.disk_high_watermark_percent",
+        ),
+        (
+            r#"{"redis": {}, "processor": {"disk_high_watermark_percent": 80, "disk_low_watermark_percent": 85}}"#,
+            "processor.disk_low_watermark_percent",
+        ),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_downloader"))
+            .args(["processor", "-c"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{key} not named in {err}");
+    }
+}
