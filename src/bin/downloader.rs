@@ -225,6 +225,12 @@ async fn serve(
     if cfg.download_url().is_err() {
         cfg.processor.download_url = Some(format!("{base}/files"));
     }
+    if cfg.processor.admin_addr.is_some() || cfg.notifier.admin_addr.is_some() {
+        tracing::warn!(
+            "processor.admin_addr and notifier.admin_addr are not used by serve: \
+             /metrics, /healthz and /info are on its own port"
+        );
+    }
     let store = downloader::connect_store(&cfg).await?;
     let shutdown = downloader::shutdown_on_signals();
     let thumbnailer = Arc::new(Thumbnailer::new(cfg.thumbnail.clone()));
