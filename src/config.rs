@@ -168,6 +168,14 @@ pub struct ProcessorConfig {
     pub per_host_burst: u32,
     /// Longest pause an origin's Retry-After (on 429 or 503) may impose on its host.
     pub max_host_pause_secs: f64,
+    /// `host:port` of the admin listener (`/metrics`, `/info`, `/healthz`); off when unset.
+    pub admin_addr: Option<String>,
+    /// Claims stop while the storage filesystem is fuller than this (percent).
+    pub disk_high_watermark_percent: f64,
+    /// Claims resume once the storage filesystem is below this again (percent).
+    pub disk_low_watermark_percent: f64,
+    /// Milliseconds between two looks at the storage filesystem's usage.
+    pub disk_check_interval_ms: u64,
 }
 
 impl Default for ProcessorConfig {
@@ -190,6 +198,10 @@ impl Default for ProcessorConfig {
             per_host_rate: 0.0,
             per_host_burst: 1,
             max_host_pause_secs: 600.0,
+            admin_addr: None,
+            disk_high_watermark_percent: 95.0,
+            disk_low_watermark_percent: 90.0,
+            disk_check_interval_ms: 5000,
         }
     }
 }
@@ -208,6 +220,8 @@ pub struct NotifierConfig {
     pub callback_retries: u32,
     pub lease_secs: u64,
     pub shutdown_grace_secs: u64,
+    /// `host:port` of the admin listener (`/metrics`, `/info`, `/healthz`); off when unset.
+    pub admin_addr: Option<String>,
 }
 
 impl Default for NotifierConfig {
@@ -221,6 +235,7 @@ impl Default for NotifierConfig {
             callback_retries: 2,
             lease_secs: 15,
             shutdown_grace_secs: 30,
+            admin_addr: None,
         }
     }
 }
@@ -329,6 +344,10 @@ impl Config {
                 self.processor.max_download_bytes,
             ),
             ("backends.http.timeout", self.backends.http.timeout),
+            (
+                "processor.disk_check_interval_ms",
+                self.processor.disk_check_interval_ms,
+            ),
         ] {
             if v == 0 {
                 return Err(format!("key `{key}`: must be greater than 0"));
@@ -370,6 +389,30 @@ impl Config {
             }
         }
         self.allowed_networks()?;
+        let (high, low) = (
+            self.processor.disk_high_watermark_percent,
+            self.processor.disk_low_watermark_percent,
+        );
+        if !(high > 0.0 && high <= 100.0) {
+            return Err(
+                "key `processor.disk_high_watermark_percent`: must be a percentage greater than 0 and at most 100".into(),
+            );
+        }
+        if !(low > 0.0 && low < high) {
+            return Err(format!(
+                "key `processor.disk_low_watermark_percent`: must be a percentage greater than 0 and below processor.disk_high_watermark_percent ({high})"
+            ));
+        }
+        for (key, addr) in [
+            ("processor.admin_addr", &self.processor.admin_addr),
+            ("notifier.admin_addr", &self.notifier.admin_addr),
+        ] {
+            if let Some(a) = addr {
+                a.parse::<std::net::SocketAddr>().map_err(|e| {
+                    format!("key `{key}`: {a:?} is not an address such as 127.0.0.1:9101: {e}")
+                })?;
+            }
+        }
         for (key, url) in [
             ("processor.download_url", &self.processor.download_url),
             ("notifier.download_url", &self.notifier.download_url),
@@ -539,6 +582,19 @@ mod tests {
         assert!(e.to_string().contains("not supported yet"), "{e}");
         let e = parse(r#"{"processor":{"filestorage":{"type":"s3"}}}"#).unwrap_err();
         assert!(e.to_string().contains("filestorage.type"), "{e}");
+        let e = parse(r#"{"processor":{"disk_high_watermark_percent":101}}"#).unwrap_err();
+        assert!(e.to_string().contains("disk_high_watermark_percent"), "{e}");
+        let e = parse(r#"{"processor":{"disk_low_watermark_percent":96}}"#).unwrap_err();
+        assert!(e.to_string().contains("disk_low_watermark_percent"), "{e}");
+        let e = parse(r#"{"processor":{"disk_check_interval_ms":0}}"#).unwrap_err();
+        assert!(e.to_string().contains("disk_check_interval_ms"), "{e}");
+        let e = parse(r#"{"notifier":{"admin_addr":"localhost"}}"#).unwrap_err();
+        assert!(e.to_string().contains("notifier.admin_addr"), "{e}");
+        let ok = parse(
+            r#"{"processor":{"admin_addr":"127.0.0.1:9101","disk_high_watermark_percent":1,"disk_low_watermark_percent":0.5}}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.processor.admin_addr.as_deref(), Some("127.0.0.1:9101"));
     }
 
     #[test]

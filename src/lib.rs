@@ -4,8 +4,10 @@
 //! See ARCHITECTURE.md for how the pieces fit together.
 
 pub mod config;
+pub mod disk;
 pub mod job;
 pub mod logging;
+pub mod metrics;
 pub mod notifier;
 pub mod processor;
 pub mod stats;

@@ -34,6 +34,8 @@ pub struct WorkerConfig {
     pub lease: Duration,
     pub max_in_flight: usize,
     pub grace: Duration,
+    /// When set, claims wait while it holds `false` (the processor's disk watch).
+    pub may_claim: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Leases held by this process: job id → (token, the task's cancel token).
@@ -48,7 +50,7 @@ impl Leases {
 
 pub async fn run(
     store: Arc<dyn Store>,
-    cfg: WorkerConfig,
+    mut cfg: WorkerConfig,
     handler: Arc<dyn Handler>,
     shutdown: CancellationToken,
 ) {
@@ -82,6 +84,19 @@ pub async fn run(
             tokio::select! {
                 r = tasks.join_next() => if let Some(r) = r { log_panic(r) },
                 _ = shutdown.cancelled() => {}
+            }
+            continue;
+        }
+        if let Some(gate) = &mut cfg.may_claim
+            && !*gate.borrow_and_update()
+        {
+            let closed = tokio::select! {
+                r = gate.changed() => r.is_err(),
+                Some(r) = tasks.join_next(), if !tasks.is_empty() => { log_panic(r); false }
+                _ = shutdown.cancelled() => false,
+            };
+            if closed {
+                cfg.may_claim = None;
             }
             continue;
         }

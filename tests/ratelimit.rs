@@ -69,13 +69,15 @@ async fn three_processors_hold_an_aggregation_to_its_rate() {
         (18.0..=22.0).contains(&r),
         "{r:.2} requests/s, want 20 ± 10 %"
     );
-    // And no second within the run holds more than its share (+1 for the edges).
+    // And no second within the run holds much more than its share: the limiter spaces
+    // claims, but requests reach the origin with the processors' scheduling jitter
+    // (a download delayed 100 ms by a busy machine bunches with the next ones).
     for (i, t) in times.iter().enumerate() {
         let in_a_second = times[i..]
             .iter()
             .take_while(|u| **u - *t < Duration::from_secs(1))
             .count();
-        assert!(in_a_second <= 22, "{in_a_second} requests within 1 s");
+        assert!(in_a_second <= 26, "{in_a_second} requests within 1 s");
     }
 }
 
@@ -189,7 +191,12 @@ async fn retry_after_pauses_the_host_without_spending_a_retry() {
         rec["waiting_for"] == "host_paused" || rec["download_state"] != "Pending",
         "{rec}"
     );
-    // The 429 was logged as a pause.
+    // The pause is counted in the processor's stats and logged.
+    eventually(10, "the pause in the processor's stats", async || {
+        let (_, v) = svc.get("/stats/processor").await;
+        (v["hostPauses"] == 1 && v["deferred.host_paused"] == 2).then_some(())
+    })
+    .await;
     assert!(
         svc.logs().contains("pausing its host"),
         "no log line about the pause"

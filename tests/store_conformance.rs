@@ -1146,6 +1146,7 @@ mod cases {
                 lease: Duration::from_secs(30),
                 max_in_flight: 4,
                 grace: Duration::from_secs(5),
+                may_claim: None,
             };
             loops.push(tokio::spawn(worker::run(
                 s.clone(),

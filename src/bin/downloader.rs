@@ -225,6 +225,12 @@ async fn serve(
     if cfg.download_url().is_err() {
         cfg.processor.download_url = Some(format!("{base}/files"));
     }
+    if cfg.processor.admin_addr.is_some() || cfg.notifier.admin_addr.is_some() {
+        tracing::warn!(
+            "processor.admin_addr and notifier.admin_addr are not used by serve: \
+             /metrics, /healthz and /info are on its own port"
+        );
+    }
     let store = downloader::connect_store(&cfg).await?;
     let shutdown = downloader::shutdown_on_signals();
     let thumbnailer = Arc::new(Thumbnailer::new(cfg.thumbnail.clone()));
@@ -257,18 +263,61 @@ async fn serve(
     Ok(())
 }
 
+/// The admin listener of `processor` or `notifier` when `key` (its config key) sets
+/// one, bound before READY so that an address in use fails the start.
+async fn admin_listener(
+    addr: Option<&str>,
+    key: &str,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("{key}: cannot listen on {addr}: {e}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "admin listening");
+    Ok(Some(listener))
+}
+
+/// Runs `work`, serving `/metrics`, `/healthz` and `/info` on `admin` (if any) until
+/// `work` is done, so that they still answer while jobs drain at shutdown.
+async fn with_admin(
+    cfg: &Config,
+    admin: Option<tokio::net::TcpListener>,
+    ops: downloader::web::ops::OpsState,
+    work: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = async {
+        match admin {
+            Some(l) => {
+                let app = downloader::web::admin_router(ops);
+                downloader::web::serve(l, app, stop.clone(), cfg.api.limits()).await
+            }
+            None => Ok(()),
+        }
+    };
+    let work = async {
+        work.await;
+        stop.cancel();
+    };
+    let (served, ()) = tokio::join!(server, work);
+    Ok(served?)
+}
+
 async fn processor(cfg: Config) -> anyhow::Result<()> {
     let store = downloader::connect_store(&cfg).await?;
     let shutdown = downloader::shutdown_on_signals();
+    let admin = admin_listener(cfg.processor.admin_addr.as_deref(), "processor.admin_addr").await?;
     let thumbnailer = Arc::new(Thumbnailer::new(cfg.thumbnail.clone()));
     let p = Arc::new(downloader::processor::Processor::new(
         &cfg,
-        store,
-        thumbnailer,
+        store.clone(),
+        thumbnailer.clone(),
     )?);
+    let info = Arc::new(Info::new(vec!["processor"], cfg.store_kind().name()));
+    let ops = downloader::web::ops::OpsState::new(info, store, Some(thumbnailer));
     tracing::info!("processor started");
     let sd = downloader::systemd::ready(shutdown.clone());
-    p.run(&cfg, shutdown).await;
+    with_admin(&cfg, admin, ops, p.run(&cfg, shutdown)).await?;
     let _ = sd.await;
     tracing::info!("processor stopped");
     Ok(())
@@ -277,10 +326,13 @@ async fn processor(cfg: Config) -> anyhow::Result<()> {
 async fn notifier(cfg: Config) -> anyhow::Result<()> {
     let store = downloader::connect_store(&cfg).await?;
     let shutdown = downloader::shutdown_on_signals();
-    let n = Arc::new(downloader::notifier::Notifier::new(&cfg, store)?);
+    let admin = admin_listener(cfg.notifier.admin_addr.as_deref(), "notifier.admin_addr").await?;
+    let n = Arc::new(downloader::notifier::Notifier::new(&cfg, store.clone())?);
+    let info = Arc::new(Info::new(vec!["notifier"], cfg.store_kind().name()));
+    let ops = downloader::web::ops::OpsState::new(info, store, None);
     tracing::info!("notifier started");
     let sd = downloader::systemd::ready(shutdown.clone());
-    n.run(&cfg, shutdown).await;
+    with_admin(&cfg, admin, ops, n.run(&cfg, shutdown)).await?;
     let _ = sd.await;
     tracing::info!("notifier stopped");
     Ok(())

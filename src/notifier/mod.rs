@@ -63,6 +63,7 @@ impl Notifier {
             lease: Duration::from_secs(cfg.notifier.lease_secs),
             max_in_flight: cfg.notifier.concurrency,
             grace: Duration::from_secs(cfg.notifier.shutdown_grace_secs),
+            may_claim: None,
         };
         worker::run(self.store.clone(), wc, self.clone(), shutdown).await;
         background.cancel();
@@ -171,6 +172,8 @@ impl Handler for Notifier {
             attempt = c.job.callback_attempts
         );
         async {
+            let _in_flight = crate::metrics::CallbackInFlight::enter();
+            let started = std::time::Instant::now();
             let r = tokio::select! {
                 r = self.deliver(&c) => r,
                 _ = cancel.cancelled() => {
@@ -180,10 +183,13 @@ impl Handler for Notifier {
                     return;
                 }
             };
+            let m = crate::metrics::metrics();
+            m.callback_seconds.observe(started.elapsed().as_secs_f64());
             let (id, token) = (c.job.id.as_str(), c.token.as_str());
             match r {
                 Ok(()) => {
                     self.stats.add("successfulCallbacks", 1);
+                    m.callbacks_delivered.inc();
                     tracing::info!("callback delivered");
                     persist("finish callback", || {
                         self.store.finish_callback(id, token, self.keep)
@@ -192,6 +198,7 @@ impl Handler for Notifier {
                 }
                 Err(error) if c.job.callback_attempts > self.retries => {
                     self.stats.add("failedCallbacks", 1);
+                    m.callbacks_failed.inc();
                     tracing::warn!(error, "callback failed; no retries left");
                     persist("fail callback", || {
                         self.store.fail_callback(id, token, &error)
@@ -200,6 +207,7 @@ impl Handler for Notifier {
                 }
                 Err(error) => {
                     self.stats.add("callbackRetries", 1);
+                    m.callback_retries.inc();
                     let delay = self.backoff * 2u32.saturating_pow(c.job.callback_attempts.saturating_sub(1).min(10));
                     tracing::info!(error, ?delay, "callback will be retried");
                     persist("retry callback", || {

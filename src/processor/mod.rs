@@ -77,20 +77,26 @@ impl Processor {
             Duration::from_millis(cfg.processor.stats_interval),
             stop_stats.clone(),
         ));
+        let (may_claim, gate) = tokio::sync::watch::channel(true);
+        let disk = crate::disk::DiskWatch::from_config(cfg, self.fetcher.root().to_path_buf());
+        let watcher = tokio::spawn(disk.run(may_claim, stop_stats.clone()).in_current_span());
         let wc = WorkerConfig {
             queue: Queue::Download,
             lease: Duration::from_secs(cfg.processor.lease_secs),
             max_in_flight: cfg.processor.max_concurrent_downloads,
             grace: Duration::from_secs(cfg.processor.shutdown_grace_secs),
+            may_claim: Some(gate),
         };
         self.stats.add("maxWorkers", 0);
         worker::run(self.store.clone(), wc, self.clone(), shutdown).await;
         stop_stats.cancel();
         let _ = reporter.await;
+        let _ = watcher.await;
     }
 
     fn enter(&self, aggr: &str) {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        crate::metrics::metrics().download_entered(aggr);
         let n = pools.entry(aggr.to_string()).or_default();
         *n += 1;
         if *n == 1 {
@@ -104,6 +110,7 @@ impl Processor {
     }
 
     fn leave(&self, aggr: &str) {
+        crate::metrics::metrics().download_left(aggr);
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = pools.get_mut(aggr) {
             *n -= 1;
@@ -175,7 +182,11 @@ impl Processor {
 
     /// The download and, when it succeeded, the job's thumbnails.
     async fn run_job(&self, c: &Claimed) -> (Outcome, Vec<ThumbnailInfo>) {
+        let started = std::time::Instant::now();
         let outcome = self.fetcher.fetch(&c.job, c.proxy.as_deref()).await;
+        crate::metrics::metrics()
+            .download_seconds
+            .observe(started.elapsed().as_secs_f64());
         let code = match &outcome {
             Outcome::Success { code, .. } if !c.job.spec.thumbnails.is_empty() => *code,
             _ => return (outcome, Vec::new()),
@@ -202,6 +213,7 @@ impl Processor {
                 bytes,
             } => {
                 self.stats.add(&format!("download.response.{code}"), 1);
+                crate::metrics::metrics().downloaded_bytes.inc_by(bytes);
                 tracing::info!(bytes, code, image_size, "download succeeded");
                 (
                     DownloadResult {
@@ -236,6 +248,7 @@ impl Processor {
                 }
             }
         };
+        crate::metrics::metrics().download_finished(&result, retry.is_some());
         let (id, token) = (job.id.as_str(), c.token.as_str());
         match retry {
             Some(delay) => {
@@ -259,6 +272,7 @@ impl Processor {
     async fn pause_host(&self, c: &Claimed, host: &str, code: u16, error: &str, after: Duration) {
         let pause = after.min(self.max_host_pause);
         self.stats.add("hostPauses", 1);
+        crate::metrics::metrics().host_pauses.inc();
         self.stats.add(&format!("download.response.{code}"), 1);
         tracing::warn!(
             host,
@@ -298,6 +312,12 @@ impl Processor {
     /// Queues the job again after `delay` without spending an attempt.
     async fn defer(&self, c: &Claimed, host: &str, delay: Duration, reason: WaitReason) {
         self.stats.add(&format!("deferred.{}", reason.as_str()), 1);
+        crate::metrics::metrics()
+            .downloads_deferred
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
         tracing::info!(
             host,
             reason = reason.as_str(),
@@ -354,14 +374,13 @@ impl Handler for Processor {
             attempt = c.job.download_attempts
         );
         async {
+            let host = job_host(&c.job.spec.url);
+            if !self.host_allows(&c, &host).await {
+                return;
+            }
             let aggr = c.job.spec.aggr_id.clone();
             self.enter(&aggr);
             tracing::debug!(url = %c.job.spec.url, "download started");
-            let host = job_host(&c.job.spec.url);
-            if !self.host_allows(&c, &host).await {
-                self.leave(&aggr);
-                return;
-            }
             let outcome = tokio::select! {
                 o = self.run_job(&c) => Some(o),
                 _ = cancel.cancelled() => None,

@@ -19,6 +19,7 @@ use tower_http::trace::TraceLayer;
 use crate::job::{JobSpec, is_valid_id, new_id};
 use crate::store::{RetryCallback, Store};
 
+pub mod ops;
 pub mod server;
 pub use server::{Limits, serve};
 
@@ -99,15 +100,32 @@ pub fn router(
         .route("/stats/{component}", get(stats))
         .route("/dashboard/aggregations", get(aggregations))
         .route("/jobs/{id}", get(job))
-        .route("/info", get(info))
-        .layer(DefaultBodyLimit::max(max_body.unwrap_or(DEFAULT_MAX_BODY)))
-        .with_state(state);
+        .layer(DefaultBodyLimit::max(max_body.unwrap_or(DEFAULT_MAX_BODY)));
+    let ops = ops::OpsState::new(
+        state.info.clone(),
+        state.store.clone(),
+        Some(thumbnailer.clone()),
+    );
     // POST /thumbnail brings its own state and body limit.
-    let mut r = api.merge(crate::thumbnail::http::router(thumbnailer));
+    let mut r = api
+        .with_state(state)
+        .merge(ops::router(ops))
+        .merge(crate::thumbnail::http::router(thumbnailer));
     if let Some(root) = files {
         // ServeDir refuses `..`, encoded or not, and never leaves `root`.
         r = r.nest_service("/files", tower_http::services::ServeDir::new(root));
     }
+    logged(r)
+}
+
+/// The admin listener's routes (`/metrics`, `/healthz`, `/info`) of `processor` and
+/// `notifier`, logged like the API's.
+pub fn admin_router(state: ops::OpsState) -> Router {
+    logged(ops::router(state))
+}
+
+/// Adds request ids, a log line at each request's start and end, and JSON 404/405s.
+fn logged(mut r: Router) -> Router {
     let request_id = axum::http::HeaderName::from_static("x-request-id");
     // Connections run in tasks of their own: parent request spans explicitly on the
     // component's span so their lines carry component and host.
@@ -159,6 +177,7 @@ async fn submit(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) 
     let spec = JobSpec::from_json(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.0))?;
     let id = new_id();
     s.store.submit(&id, &spec).await?;
+    crate::metrics::metrics().jobs_submitted.inc();
     tracing::info!(job_id = %id, aggr_id = %spec.aggr_id, url = %spec.url, "job submitted");
     Ok((StatusCode::CREATED, axum::Json(json!({ "id": id }))).into_response())
 }
@@ -244,24 +263,4 @@ async fn job(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
             format!("job {id} not found"),
         )),
     }
-}
-
-async fn info(State(s): State<AppState>) -> Response {
-    let i = &s.info;
-    let started = i
-        .started
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    axum::Json(json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "commit": env!("DOWNLOADER_COMMIT"),
-        "build_date": env!("DOWNLOADER_BUILD_DATE"),
-        "started_at": started,
-        "uptime_secs": i.started_mono.elapsed().as_secs(),
-        "components": i.components,
-        "host": i.host,
-        "store": i.store,
-    }))
-    .into_response()
 }

@@ -724,3 +724,30 @@ pub fn job(origin: &Origin, path: &str, cb: &str, aggr: &str, limit: u32) -> Val
         "callback_url": cb,
     })
 }
+
+// ---------------------------------------------------------------------- metrics
+
+/// GETs `url` (a `/metrics` endpoint) on a fresh connection and returns the text.
+pub async fn scrape(url: &str) -> String {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let r = http.get(url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{url}");
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+    r.text().await.unwrap()
+}
+
+/// The value of one series (`name` or `name{label="v"}`) in a scrape.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
