@@ -256,3 +256,23 @@ async fn rate_keys_expire_and_bad_rates_are_refused() {
         assert!(body["error"].as_str().unwrap().contains(says), "{body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_concurrent_downloads_caps_one_processor_over_all_aggregations() {
+    let origin = start_origin().await;
+    let rx = start_receiver().await;
+    let svc = Service::start(json!({"processor": {"max_concurrent_downloads": 2}})).await;
+    // Six aggregations with room for 5 each: the processor still runs 2 at a time.
+    let mut ids = Vec::new();
+    for a in 0..6 {
+        for _ in 0..2 {
+            let j = job(&origin, "/aggr/all/300", &rx.url(0), &format!("cap-{a}"), 5);
+            ids.push(svc.submit(j).await);
+        }
+    }
+    for id in &ids {
+        assert_eq!(rx.wait_for(id, 30).await["success"], true);
+    }
+    let most = origin.max_concurrency("all");
+    assert!((1..=2).contains(&most), "{most} downloads at once");
+}
