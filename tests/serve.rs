@@ -224,3 +224,36 @@ fn separate_components_refuse_the_embedded_store() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_holds_rates_on_the_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = start_origin().await;
+    let rx = start_receiver().await;
+    origin.add_file("f", b"x".to_vec());
+    let mut cfg = embedded_config(dir.path());
+    cfg["processor"]["per_host_concurrency"] = json!(4);
+    let s = Serve::start(dir.path(), Some(&cfg)).await;
+    let warm = s
+        .submit(job(&origin, "/file/f?warm", &rx.url(0), "warm", 1))
+        .await;
+    rx.wait_for(&warm, 20).await;
+    origin.state.times.lock().unwrap().clear();
+    // 10/s, burst 1: 31 requests take about 3 s.
+    let mut ids = Vec::new();
+    for i in 0..31 {
+        let mut j = job(&origin, &format!("/file/f?{i}"), &rx.url(0), "emb-rate", 8);
+        j["aggr_rate"] = json!(10);
+        ids.push(s.submit(j).await);
+    }
+    for id in &ids {
+        assert_eq!(rx.wait_for(id, 30).await["success"], true);
+    }
+    let t = origin.all_times();
+    assert_eq!(t.len(), 31);
+    let rate = 30.0 / (t[30] - t[0]).as_secs_f64();
+    assert!(
+        (9.0..=11.0).contains(&rate),
+        "{rate:.2} requests/s, want 10 ± 10 %"
+    );
+}
