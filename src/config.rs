@@ -358,10 +358,12 @@ impl Config {
             return Err("key `thumbnail.threads`: must be greater than 0".into());
         }
         let p = &self.processor;
-        if !(p.per_host_rate.is_finite() && (0.0..=crate::job::MAX_RATE).contains(&p.per_host_rate))
+        if !(p.per_host_rate == 0.0
+            || (crate::job::MIN_RATE..=crate::job::MAX_RATE).contains(&p.per_host_rate))
         {
             return Err(format!(
-                "key `processor.per_host_rate`: must be a number of requests per second from 0 (off) to {}",
+                "key `processor.per_host_rate`: must be 0 (off) or a number of requests per second from {} to {}",
+                crate::job::MIN_RATE,
                 crate::job::MAX_RATE
             ));
         }
@@ -515,7 +517,6 @@ impl Config {
         h
     }
 
-    /// How long a finished job's file and record are kept.
     /// Per-host politeness (`processor.per_host_*`).
     pub fn host_limits(&self) -> crate::store::HostLimits {
         crate::store::HostLimits {
@@ -525,6 +526,7 @@ impl Config {
         }
     }
 
+    /// How long a finished job's file and record are kept.
     pub fn deletion_delay(&self) -> Duration {
         Duration::from_secs_f64(self.notifier.deletion_interval * 60.0)
     }

@@ -46,6 +46,8 @@ pub struct JobSpec {
 
 /// Highest `aggr_rate` accepted (requests per second).
 pub const MAX_RATE: f64 = 100_000.0;
+/// Lowest `aggr_rate` accepted: one request in about 17 minutes.
+pub const MIN_RATE: f64 = 0.001;
 /// Highest `aggr_burst` accepted.
 pub const MAX_BURST: u64 = 100_000;
 
@@ -179,10 +181,10 @@ impl JobSpec {
             None | Some(Value::Null) => None,
             Some(v) => Some(
                 v.as_f64()
-                    .filter(|r| r.is_finite() && *r > 0.0 && *r <= MAX_RATE)
+                    .filter(|r| (MIN_RATE..=MAX_RATE).contains(r))
                     .ok_or_else(|| {
                         invalid(format!(
-                            "aggr_rate must be a number of requests per second > 0 and <= {MAX_RATE}, got {}",
+                            "aggr_rate must be a number of requests per second from {MIN_RATE} to {MAX_RATE}, got {}",
                             short(v)
                         ))
                     })?,
@@ -458,6 +460,9 @@ pub struct JobRecord {
     pub spec: JobSpec,
     pub download_state: String,
     pub download_attempts: u32,
+    /// Times the origin paused the job's host (429/503 with Retry-After); these
+    /// retries spend no attempt.
+    pub download_pauses: u32,
     pub download_error: String,
     pub response_code: u16,
     pub image_size: String,
@@ -490,6 +495,7 @@ impl JobRecord {
             spec,
             download_state: s("dl_state"),
             download_attempts: n("dl_attempts") as u32,
+            download_pauses: n("dl_pauses") as u32,
             download_error: s("dl_error"),
             response_code: n("response_code") as u16,
             image_size: s("image_size"),
@@ -521,8 +527,8 @@ impl JobRecord {
         self.download_state == state::PENDING && self.next_attempt_at == 0
     }
 
-    /// Records that the job's aggregation waits for its rate until `until` (ms).
-    pub fn set_rate_wait(&mut self, until: Option<u64>) {
+    /// Notes that the job's aggregation waits for its rate until `until` (ms).
+    pub fn note_aggr_rate_wait(&mut self, until: Option<u64>) {
         if let Some(until) = until {
             self.waiting_for = crate::store::WaitReason::AggrRate.as_str().to_string();
             self.next_attempt_at = until;

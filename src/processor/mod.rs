@@ -22,6 +22,13 @@ use crate::worker::{self, Handler, WorkerConfig, persist};
 use fetch::{Fetcher, Outcome};
 use net::NetGuard;
 
+/// Pauses asked by an origin (429/503 with Retry-After) that a job may take without
+/// spending a retry; further ones are ordinary retries.
+const MAX_FREE_PAUSES: u32 = 10;
+
+/// Shortest pause of a host, whatever its Retry-After says.
+const MIN_HOST_PAUSE: Duration = Duration::from_secs(1);
+
 pub struct Processor {
     store: Arc<dyn Store>,
     fetcher: Fetcher,
@@ -269,8 +276,9 @@ impl Processor {
     /// The origin answered 429/503 with Retry-After: pause its host (for every
     /// processor) as long as it asks, within `max_host_pause_secs`, and run the job
     /// again after it without spending an attempt.
-    async fn pause_host(&self, c: &Claimed, host: &str, code: u16, error: &str, after: Duration) {
-        let pause = after.min(self.max_host_pause);
+    async fn pause_host(&self, c: &Claimed, host: &str, code: u16, error: String, after: Duration) {
+        // `Retry-After: 0` (or a date past) must not make a loop that spends nothing.
+        let pause = after.clamp(MIN_HOST_PAUSE, self.max_host_pause.max(MIN_HOST_PAUSE));
         self.stats.add("hostPauses", 1);
         crate::metrics::metrics().host_pauses.inc();
         self.stats.add(&format!("download.response.{code}"), 1);
@@ -284,7 +292,9 @@ impl Processor {
         if let Err(e) = self.store.pause_host(host, pause).await {
             tracing::warn!(error = %e, "cannot record the host's pause");
         }
-        self.defer(c, host, pause, WaitReason::HostPaused).await;
+        let answer = failed(error, code);
+        self.defer(c, host, Some(&answer), pause, WaitReason::HostPaused)
+            .await;
     }
 
     /// Asks the store whether the job may go to its host now. `false` when it may not
@@ -305,12 +315,19 @@ impl Processor {
                 (crate::store::HOST_SLOT_RECHECK, WaitReason::HostConcurrency)
             }
         };
-        self.defer(c, host, delay, reason).await;
+        self.defer(c, host, None, delay, reason).await;
         false
     }
 
     /// Queues the job again after `delay` without spending an attempt.
-    async fn defer(&self, c: &Claimed, host: &str, delay: Duration, reason: WaitReason) {
+    async fn defer(
+        &self,
+        c: &Claimed,
+        host: &str,
+        answer: Option<&DownloadResult>,
+        delay: Duration,
+        reason: WaitReason,
+    ) {
         self.stats.add(&format!("deferred.{}", reason.as_str()), 1);
         crate::metrics::metrics()
             .downloads_deferred
@@ -326,7 +343,7 @@ impl Processor {
         );
         let (id, token) = (c.job.id.as_str(), c.token.as_str());
         persist("defer download", || {
-            self.store.defer_download(id, token, delay, reason)
+            self.store.defer_download(id, token, answer, delay, reason)
         })
         .await;
     }
@@ -386,8 +403,12 @@ impl Handler for Processor {
                 _ = cancel.cancelled() => None,
             };
             match outcome {
-                Some((Outcome::Retry { error, code: code @ (429 | 503), after: Some(after) }, _)) => {
-                    self.pause_host(&c, &host, code, &error, after).await
+                // The host's pauses are free (no attempt spent), up to a bound: an origin
+                // that never stops asking gets ordinary retries, which run out.
+                Some((Outcome::Retry { error, code: code @ (429 | 503), after: Some(after) }, _))
+                    if c.job.download_pauses < MAX_FREE_PAUSES =>
+                {
+                    self.pause_host(&c, &host, code, error, after).await
                 }
                 Some((o, thumbnails)) => self.record(&c, o, thumbnails).await,
                 None => {

@@ -87,6 +87,8 @@ const BATCH: usize = 100;
 const READY_TRIES: usize = 16;
 /// Deletion delay of a job without callback whose download was abandoned.
 const ABANDONED_KEEP_MS: u64 = 86_400_000;
+/// Host records looked at for idleness per download claim.
+const HOST_SWEEP: usize = 4;
 /// Most steps the writer applies in one transaction (one fsync).
 const MAX_GROUP: usize = 512;
 
@@ -374,6 +376,27 @@ impl<'t> W<'t> {
         let json = serde_json::to_string(host).map_err(corrupt)?;
         self.hosts.insert(h, json.as_str())?;
         self.dirty = true;
+        Ok(())
+    }
+
+    /// Drops a few idle host records, looked up from a random place, so that hosts
+    /// never seen again do not stay forever (Redis: their keys expire).
+    fn sweep_hosts(&mut self) -> R<()> {
+        let start = char::from(b'a' + rand::random_range(0..26u8)).to_string();
+        let mut idle = Vec::new();
+        for e in self.hosts.range::<&str>(start.as_str()..)?.take(HOST_SWEEP) {
+            let (k, v) = e?;
+            let mut host: Host = serde_json::from_str(v.value()).map_err(corrupt)?;
+            host.slots.retain(|_, exp| *exp > self.now);
+            let now = self.now;
+            if host.tat <= now as f64 && host.pause_until <= now && host.slots.is_empty() {
+                idle.push(k.value().to_string());
+            }
+        }
+        for h in idle {
+            self.hosts.remove(h.as_str())?;
+            self.dirty = true;
+        }
         Ok(())
     }
 
@@ -781,6 +804,7 @@ fn claim_downloads(
         w.set_rate_wait(&a, &mut ag, None)?;
         w.refresh(&a)?;
     }
+    w.sweep_hosts()?;
     for (at, id) in w.due(false, "dl")? {
         w.delayed.remove(("dl", at, id.as_str()))?;
         w.dirty = true;
@@ -941,6 +965,48 @@ fn claim_callbacks(
     Ok((out, next_due))
 }
 
+/// REQUEUE_DOWNLOAD: a retry (`reason` `None`: the attempt counts) or a deferral
+/// (not an attempt), after `delay`; `r` is kept as the last error.
+fn requeue_download(
+    w: &mut W<'_>,
+    id: &str,
+    token: &str,
+    r: Option<&DownloadResult>,
+    delay: u64,
+    reason: Option<WaitReason>,
+) -> R<bool> {
+    let Some(mut f) = w.job(id)? else {
+        return Ok(false);
+    };
+    if !holds(&f, "dl", token) {
+        return Ok(false);
+    }
+    let at = w.now.saturating_add(delay);
+    w.zrem(true, "dl", id, &mut f)?;
+    f.remove("dl_lease");
+    w.free_host(id, &mut f)?;
+    if let Some(reason) = reason {
+        incr(&mut f, "dl_attempts", -1);
+        set(&mut f, "wait", reason.as_str());
+        if reason == WaitReason::HostPaused {
+            incr(&mut f, "dl_pauses", 1);
+        }
+    }
+    if let Some(r) = r {
+        set(&mut f, "dl_error", &r.error);
+        set(&mut f, "response_code", r.response_code);
+    }
+    set(&mut f, "dl_state", state::PENDING);
+    set(&mut f, "next_at", at);
+    w.zadd(false, "dl", id, &mut f, at)?;
+    let a = f.get("aggr").cloned().unwrap_or_default();
+    w.free_slot(&a)?;
+    // A sleeping processor re-reads the earliest due time.
+    w.wake(Queue::Download);
+    w.put_job(id, &f)?;
+    Ok(true)
+}
+
 /// FINISH_CALLBACK: `st` is Success, Pending (retry after `delay`) or Failed.
 fn end_callback(w: &mut W<'_>, id: &str, token: &str, st: &str, err: &str, delay: u64) -> R<bool> {
     let Some(mut f) = w.job(id)? else {
@@ -1092,10 +1158,14 @@ impl Store for EmbeddedStore {
             let mut ag = w.aggr(a)?;
             ag.limit = i64::from(spec.aggr_limit);
             ag.proxy = spec.aggr_proxy.clone().unwrap_or_default();
-            ag.rate = spec.aggr_rate.unwrap_or(0.0);
-            ag.burst = spec.aggr_burst.unwrap_or(1);
-            // The rate may have changed: the next claim looks again.
-            w.set_rate_wait(a, &mut ag, None)?;
+            let (rate, burst) = (spec.aggr_rate.unwrap_or(0.0), spec.aggr_burst.unwrap_or(1));
+            if (ag.rate, ag.burst) != (rate, burst) {
+                (ag.rate, ag.burst) = (rate, burst);
+                // A new rate: the next claim looks again.
+                w.set_rate_wait(a, &mut ag, None)?;
+            } else {
+                w.put_aggr(a, &ag)?;
+            }
             let mut f = Fields::new();
             set(&mut f, "spec", &json);
             set(&mut f, "aggr", a);
@@ -1236,31 +1306,10 @@ impl Store for EmbeddedStore {
         r: &DownloadResult,
         delay: Duration,
     ) -> Result<bool> {
-        let (id, token, r, delay) = (id.to_string(), token.to_string(), r.clone(), millis(delay));
-        self.write(move |w| {
-            let Some(mut f) = w.job(&id)? else {
-                return Ok(false);
-            };
-            if !holds(&f, "dl", &token) {
-                return Ok(false);
-            }
-            let at = w.now.saturating_add(delay);
-            w.zrem(true, "dl", &id, &mut f)?;
-            f.remove("dl_lease");
-            w.free_host(&id, &mut f)?;
-            set(&mut f, "dl_state", state::PENDING);
-            set(&mut f, "dl_error", &r.error);
-            set(&mut f, "response_code", r.response_code);
-            set(&mut f, "next_at", at);
-            w.zadd(false, "dl", &id, &mut f, at)?;
-            let a = f.get("aggr").cloned().unwrap_or_default();
-            w.free_slot(&a)?;
-            // A sleeping processor re-reads the earliest due time.
-            w.wake(Queue::Download);
-            w.put_job(&id, &f)?;
-            Ok(true)
-        })
-        .await
+        let (id, token, r) = (id.to_string(), token.to_string(), r.clone());
+        let delay = millis(delay);
+        self.write(move |w| requeue_download(w, &id, &token, Some(&r), delay, None))
+            .await
     }
 
     async fn host_permit(
@@ -1307,9 +1356,11 @@ impl Store for EmbeddedStore {
                 if booked > now {
                     return Ok(wait(booked - now, WaitReason::HostRate));
                 }
-                if booked > 0 {
-                    f.remove("host_slot");
-                } else {
+                f.remove("host_slot");
+                // A booking long past (the job waited for something else since) is
+                // stale: the rate is asked again rather than letting such jobs through
+                // together.
+                if (booked as f64) <= now as f64 - 1000.0 / limits.rate {
                     let (allowed, at) = gcra(&mut host.tat, limits.rate, limits.burst, now, true);
                     if !allowed {
                         let when = at.ceil() as u64;
@@ -1345,34 +1396,14 @@ impl Store for EmbeddedStore {
         &self,
         id: &str,
         token: &str,
+        r: Option<&DownloadResult>,
         delay: Duration,
         reason: WaitReason,
     ) -> Result<bool> {
-        let (id, token, delay) = (id.to_string(), token.to_string(), millis(delay));
-        self.write(move |w| {
-            let Some(mut f) = w.job(&id)? else {
-                return Ok(false);
-            };
-            if !holds(&f, "dl", &token) {
-                return Ok(false);
-            }
-            let at = w.now.saturating_add(delay);
-            w.zrem(true, "dl", &id, &mut f)?;
-            f.remove("dl_lease");
-            w.free_host(&id, &mut f)?;
-            // Not an attempt: the origin was never asked.
-            incr(&mut f, "dl_attempts", -1);
-            set(&mut f, "dl_state", state::PENDING);
-            set(&mut f, "wait", reason.as_str());
-            set(&mut f, "next_at", at);
-            w.zadd(false, "dl", &id, &mut f, at)?;
-            let a = f.get("aggr").cloned().unwrap_or_default();
-            w.free_slot(&a)?;
-            w.wake(Queue::Download);
-            w.put_job(&id, &f)?;
-            Ok(true)
-        })
-        .await
+        let (id, token, r) = (id.to_string(), token.to_string(), r.cloned());
+        let delay = millis(delay);
+        self.write(move |w| requeue_download(w, &id, &token, r.as_ref(), delay, Some(reason)))
+            .await
     }
 
     async fn release(&self, queue: Queue, id: &str, token: &str) -> Result<bool> {
@@ -1515,7 +1546,7 @@ impl Store for EmbeddedStore {
                     && let Some(v) = tx.open_table(AGGRS)?.get(rec.spec.aggr_id.as_str())?
                 {
                     let ag: Aggr = serde_json::from_str(v.value()).map_err(corrupt)?;
-                    rec.set_rate_wait(ag.rate_wait);
+                    rec.note_aggr_rate_wait(ag.rate_wait);
                 }
                 Ok(Some(rec))
             })
@@ -1607,6 +1638,33 @@ mod tests {
         w.stats.insert(k, (u64::MAX, "x"))?;
         w.dirty = true;
         Ok(())
+    }
+
+    /// Host records of hosts not seen again are dropped once idle, as Redis lets
+    /// their keys expire.
+    #[tokio::test]
+    async fn idle_host_records_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        store
+            .pause_host("paused.example", Duration::from_millis(30))
+            .await
+            .unwrap();
+        let count = |s: &EmbeddedStore| {
+            s.inner
+                .read(|tx| Ok(tx.open_table(HOSTS)?.iter()?.count()))
+                .unwrap()
+        };
+        assert_eq!(count(&store), 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while count(&store) > 0 {
+            assert!(std::time::Instant::now() < deadline, "the idle host stayed");
+            store
+                .claim_many(Queue::Download, Duration::from_secs(5), 1)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// A step that fails after writing is rolled back alone; one that fails before

@@ -235,11 +235,14 @@ pub trait Store: Send + Sync + 'static {
     async fn pause_host(&self, host: &str, pause: Duration) -> Result<()>;
 
     /// Frees the slot and queues the download again after `delay` without counting an
-    /// attempt (the origin was not asked, or asked us to wait); `reason` is shown.
+    /// attempt (the origin was not asked, or asked us to wait); `reason` is shown, and
+    /// `result` (the origin's answer, if it was asked) kept as the last error.
+    /// Deferrals for `HostPaused` are counted in the job (`download_pauses`).
     async fn defer_download(
         &self,
         id: &str,
         token: &str,
+        result: Option<&DownloadResult>,
         delay: Duration,
         reason: WaitReason,
     ) -> Result<bool>;
@@ -291,7 +294,7 @@ pub fn gcra(tat: &mut f64, rate: f64, burst: u32, now: u64, reserve: bool) -> (b
     let now = now as f64;
     let t = 1000.0 / rate;
     let start = tat.max(now);
-    let tolerance = t * (f64::from(burst.max(1) - 1) + GCRA_SLACK);
+    let tolerance = t * f64::from(burst.max(1) - 1) + (t * GCRA_SLACK).min(GCRA_SLACK_MAX_MS);
     let at = start - tolerance;
     if at > now && !reserve {
         return (false, at);
@@ -307,8 +310,10 @@ pub fn gcra(tat: &mut f64, rate: f64, burst: u32, now: u64, reserve: bool) -> (b
 /// Part of an interval a request may come early, so that a claim that runs a few
 /// milliseconds late (a busy machine) does not push every later slot back: the
 /// long-run rate stays the configured one. The spacing of two requests is then at
-/// least 1 - GCRA_SLACK intervals (burst 1).
+/// least 1 - GCRA_SLACK intervals (burst 1), and never more than GCRA_SLACK_MAX_MS
+/// early: a slow rate stays strict.
 pub const GCRA_SLACK: f64 = 0.2;
+pub const GCRA_SLACK_MAX_MS: f64 = 50.0;
 
 /// Milliseconds, saturating, for the backends' arithmetic.
 pub fn millis(d: Duration) -> u64 {
@@ -344,8 +349,9 @@ mod tests {
         // 2/s, burst 1: refused requests book 500 ms apart.
         let mut tat = 0.0;
         assert!(gcra(&mut tat, 2.0, 1, 0, true).0);
-        assert_eq!(gcra(&mut tat, 2.0, 1, 0, true), (false, 400.0));
-        assert_eq!(gcra(&mut tat, 2.0, 1, 10, true), (false, 900.0));
-        assert_eq!(gcra(&mut tat, 2.0, 1, 20, true), (false, 1400.0));
+        // The slack is capped at 50 ms for slow rates.
+        assert_eq!(gcra(&mut tat, 2.0, 1, 0, true), (false, 450.0));
+        assert_eq!(gcra(&mut tat, 2.0, 1, 10, true), (false, 950.0));
+        assert_eq!(gcra(&mut tat, 2.0, 1, 20, true), (false, 1450.0));
     }
 }

@@ -67,11 +67,11 @@ local function gcra(key, rate, burst, now, reserve)
   local t = 1000 / rate
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end
-  local tolerance = t * (burst - 1 + SLACK)
+  local tolerance = t * (burst - 1) + math.min(t * SLACK, SLACK_MAX_MS)
   local at = tat - tolerance
   if at > now and not reserve then return false, at end
   local new = tat + t
-  redis.call('SET', key, string.format('%.3f', new), 'PX', math.max(1, math.ceil(new - now)))
+  redis.call('SET', key, string.format('%.3f', new), 'PX', n2s(math.max(1, math.ceil(new - now))))
   if at > now then return false, at end
   return true, new - tolerance
 end
@@ -96,9 +96,11 @@ end
 "#;
 
 fn script(body: &str) -> Script {
-    let slack = super::GCRA_SLACK;
-    // Before the prelude: its `gcra` reads it.
-    Script::new(&format!("local SLACK = {slack}\n{PRELUDE}\n{body}"))
+    let (slack, max) = (super::GCRA_SLACK, super::GCRA_SLACK_MAX_MS);
+    // Before the prelude: its `gcra` reads them.
+    Script::new(&format!(
+        "local SLACK, SLACK_MAX_MS = {slack}, {max}\n{PRELUDE}\n{body}"
+    ))
 }
 
 static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
@@ -107,9 +109,13 @@ static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
 local id, spec, a, limit, proxy, has_cb, rate, burst = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local k = P..'job:'..id
 if redis.call('EXISTS', k) == 1 then return 0 end
-redis.call('HSET', P..'aggr:'..a, 'limit', limit, 'proxy', proxy, 'rate', rate, 'burst', burst)
--- The rate may have changed: the next claim looks again.
-redis.call('ZREM', P..'ratewait', a)
+local ak = P..'aggr:'..a
+local old = redis.call('HMGET', ak, 'rate', 'burst')
+redis.call('HSET', ak, 'limit', limit, 'proxy', proxy, 'rate', rate, 'burst', burst)
+-- A new rate: the next claim looks again.
+if tonumber(old[1] or '0') ~= tonumber(rate) or tonumber(old[2] or '1') ~= tonumber(burst) then
+  redis.call('ZREM', P..'ratewait', a)
+end
 redis.call('HSET', k, 'spec', spec, 'aggr', a, 'has_cb', has_cb, 'dl_state', 'Pending',
   'dl_attempts', 0, 'created_at', n2s(now_ms()))
 redis.call('RPUSH', P..'pending:'..a, id)
@@ -271,7 +277,7 @@ for i = 3, #ARGV, 2 do
     local h = q == 'dl' and redis.call('HGET', k, 'host')
     if h then
       redis.call('ZADD', P..'hostslots:'..h, 'XX', expiry, id)
-      redis.call('PEXPIRE', P..'hostslots:'..h, 2 * lease)
+      redis.call('PEXPIRE', P..'hostslots:'..h, n2s(2 * lease))
     end
     out[#out + 1] = 1
   else
@@ -302,17 +308,26 @@ return 1
     )
 });
 
-static RETRY_DOWNLOAD: LazyLock<Script> = LazyLock::new(|| {
+/// Queues a claimed download again after a delay: a retry (`reason` empty: the
+/// attempt counts) or a deferral (`reason` says why; not an attempt). With
+/// `has_result`, the attempt's error and status are kept as the job's last ones.
+static REQUEUE_DOWNLOAD: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local id, token, err, code, delay = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local id, token, delay, reason, has_result, err, code = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local k = P..'job:'..id
 if redis.call('HGET', k, 'dl_lease') ~= token then return 0 end
 local at = n2s(now_ms() + delay)
 redis.call('ZREM', P..'dl:leases', id)
 redis.call('HDEL', k, 'dl_lease')
 free_host(k, id)
-redis.call('HSET', k, 'dl_state', 'Pending', 'dl_error', err, 'response_code', code, 'next_at', at)
+if reason ~= '' then
+  redis.call('HINCRBY', k, 'dl_attempts', -1)
+  redis.call('HSET', k, 'wait', reason)
+  if reason == 'host_paused' then redis.call('HINCRBY', k, 'dl_pauses', 1) end
+end
+if has_result == '1' then redis.call('HSET', k, 'dl_error', err, 'response_code', code) end
+redis.call('HSET', k, 'dl_state', 'Pending', 'next_at', at)
 redis.call('ZADD', P..'dl:delayed', at, id)
 free_slot(redis.call('HGET', k, 'aggr'))
 -- A sleeping processor re-reads the earliest due time.
@@ -346,27 +361,6 @@ return 1
     )
 });
 
-static DEFER_DOWNLOAD: LazyLock<Script> = LazyLock::new(|| {
-    script(
-        r#"
-local id, token, delay, reason = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local k = P..'job:'..id
-if redis.call('HGET', k, 'dl_lease') ~= token then return 0 end
-local at = n2s(now_ms() + delay)
-redis.call('ZREM', P..'dl:leases', id)
-redis.call('HDEL', k, 'dl_lease')
-free_host(k, id)
--- Not an attempt: the origin was never asked.
-redis.call('HINCRBY', k, 'dl_attempts', -1)
-redis.call('HSET', k, 'dl_state', 'Pending', 'wait', reason, 'next_at', at)
-redis.call('ZADD', P..'dl:delayed', at, id)
-free_slot(redis.call('HGET', k, 'aggr'))
-wake('dl')
-return 1
-"#,
-    )
-});
-
 static HOST_PERMIT: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
@@ -387,9 +381,10 @@ if rate > 0 then
   -- A job refused earlier comes back at the slot it booked then.
   local booked = tonumber(redis.call('HGET', k, 'host_slot') or '0')
   if booked > now then return {'host_rate', n2s(booked - now)} end
-  if booked > 0 then
-    redis.call('HDEL', k, 'host_slot')
-  else
+  redis.call('HDEL', k, 'host_slot')
+  -- A booking long past (the job waited for something else since) is stale: the
+  -- rate is asked again rather than letting such jobs through together.
+  if booked <= now - 1000 / rate then
     local allowed, at = gcra(P..'hostrate:'..h, rate, burst, now, true)
     if not allowed then
       local when = math.ceil(at)
@@ -400,7 +395,7 @@ if rate > 0 then
 end
 if conc > 0 then
   redis.call('ZADD', slots, n2s(now + lease), id)
-  redis.call('PEXPIRE', slots, 2 * lease)
+  redis.call('PEXPIRE', slots, n2s(2 * lease))
   redis.call('HSET', k, 'host', h)
 end
 return {'ok', '0'}
@@ -542,6 +537,30 @@ impl RedisStore {
 
     fn token(&self) -> String {
         format!("{}:{}", self.worker, crate::job::new_id())
+    }
+
+    async fn requeue(
+        &self,
+        id: &str,
+        token: &str,
+        r: Option<&DownloadResult>,
+        delay: Duration,
+        reason: Option<WaitReason>,
+    ) -> Result<bool> {
+        let ok: i64 = self
+            .run(
+                REQUEUE_DOWNLOAD
+                    .key(&self.prefix)
+                    .arg(id)
+                    .arg(token)
+                    .arg(millis(delay))
+                    .arg(reason.map_or("", WaitReason::as_str))
+                    .arg(if r.is_some() { "1" } else { "0" })
+                    .arg(r.map_or("", |r| r.error.as_str()))
+                    .arg(r.map_or(0, |r| r.response_code)),
+            )
+            .await?;
+        Ok(ok == 1)
     }
 
     async fn run<T: redis::FromRedisValue>(
@@ -750,18 +769,7 @@ impl Store for RedisStore {
         r: &DownloadResult,
         delay: Duration,
     ) -> Result<bool> {
-        let ok: i64 = self
-            .run(
-                RETRY_DOWNLOAD
-                    .key(&self.prefix)
-                    .arg(id)
-                    .arg(token)
-                    .arg(&r.error)
-                    .arg(r.response_code)
-                    .arg(millis(delay)),
-            )
-            .await?;
-        Ok(ok == 1)
+        self.requeue(id, token, Some(r), delay, None).await
     }
 
     async fn host_permit(
@@ -814,20 +822,11 @@ impl Store for RedisStore {
         &self,
         id: &str,
         token: &str,
+        r: Option<&DownloadResult>,
         delay: Duration,
         reason: WaitReason,
     ) -> Result<bool> {
-        let ok: i64 = self
-            .run(
-                DEFER_DOWNLOAD
-                    .key(&self.prefix)
-                    .arg(id)
-                    .arg(token)
-                    .arg(millis(delay))
-                    .arg(reason.as_str()),
-            )
-            .await?;
-        Ok(ok == 1)
+        self.requeue(id, token, r, delay, Some(reason)).await
     }
 
     async fn release(&self, queue: Queue, id: &str, token: &str) -> Result<bool> {
@@ -906,7 +905,7 @@ impl Store for RedisStore {
                 .zscore(self.key("ratewait"), &rec.spec.aggr_id)
                 .await
                 .map_err(backend)?;
-            rec.set_rate_wait(wait.map(|w| w as u64));
+            rec.note_aggr_rate_wait(wait.map(|w| w as u64));
         }
         Ok(Some(rec))
     }

@@ -84,6 +84,8 @@ pub async fn serve(
         .header_read_timeout(limits.header_timeout);
     let http = Arc::new(http);
     let connections = TaskTracker::new();
+    // Fired when the grace is over: connections still open are dropped.
+    let abort = CancellationToken::new();
     loop {
         let stream = tokio::select! {
             biased;
@@ -93,6 +95,11 @@ pub async fn serve(
                     tracing::debug!(%peer, "connection accepted");
                     stream
                 }
+                // A connection reset before we took it: nothing to do.
+                Err(e) if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) => continue,
                 Err(e) => {
                     // EMFILE and friends: the listener stays usable; back off briefly
                     // instead of spinning on the error.
@@ -106,13 +113,17 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let (http, service, shutdown) = (http.clone(), service.clone(), shutdown.clone());
+        let abort = abort.clone();
         connections.spawn(async move {
             let _open = ConnGuard::new();
             let stream = FirstByte::new(stream);
             let first_byte = stream.seen.clone();
             let conn = http.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = drain(conn, first_byte, shutdown).await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            tokio::select! {
+                r = drain(conn, first_byte, shutdown) => if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                },
+                _ = abort.cancelled() => {}
             }
         });
     }
@@ -129,8 +140,11 @@ pub async fn serve(
     {
         tracing::warn!(
             grace_secs = limits.shutdown_grace.as_secs_f64(),
+            connections = connections.len(),
             "connections still open after the shutdown grace; dropping them"
         );
+        abort.cancel();
+        connections.wait().await;
     }
     Ok(())
 }
@@ -143,7 +157,9 @@ type Conn = hyper::server::conn::http1::Connection<
 /// Runs `conn`; once `shutdown` fires, lets it finish the request in progress and closes
 /// it. hyper's own graceful shutdown closes a connection that has not sent a byte yet,
 /// yet the client may be sending its request this instant: such a connection first
-/// gets until its header timeout for that byte.
+/// gets until its header timeout for that byte. (An idle keep-alive connection, past
+/// its first request, is closed at once: a request its client sends at that instant
+/// fails as with any server; clients retry those on a new connection.)
 async fn drain(
     conn: Conn,
     first_byte: Arc<Notify>,
