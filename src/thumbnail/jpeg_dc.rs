@@ -259,6 +259,31 @@ fn be16(d: &[u8], i: usize) -> Option<usize> {
     Some(((*d.get(i)? as usize) << 8) | *d.get(i + 1)? as usize)
 }
 
+/// Whether the header (the segments before the first scan) has an Adobe APP14 marker.
+/// Its presence decides how a 4-component JPEG's samples are to be read: Adobe files
+/// store CMYK inverted (0 = full ink), others store ink amounts as they are.
+pub fn has_adobe_marker(d: &[u8]) -> bool {
+    let mut pos = 2usize;
+    while let (Some(0xFF), Some(&m)) = (d.get(pos), d.get(pos + 1)) {
+        if m == 0xFF {
+            pos += 1;
+            continue;
+        }
+        let Some(len) = be16(d, pos + 2) else {
+            return false;
+        };
+        let seg = d.get(pos + 4..pos + 2 + len).unwrap_or_default();
+        if m == 0xEE && seg.starts_with(b"Adobe") {
+            return true;
+        }
+        if m == 0xDA || m == 0xD9 || len < 2 {
+            return false;
+        }
+        pos += 2 + len;
+    }
+    false
+}
+
 /// Decode at 1/8 scale from the DC coefficients, or `None` to fall back.
 /// `max_blocks` bounds the allocation (number of 8×8 blocks over all components).
 pub fn decode(d: &[u8], max_blocks: usize) -> Option<DcImage> {
