@@ -139,6 +139,32 @@ struct Counters {
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
+thread_local! {
+    /// A rayon pool whose one thread is this thread (made on first use, kept for the
+    /// thread's life: rayon leaks such a pool's registry, so never one per call).
+    static ONE_THREAD: Option<rayon::ThreadPool> = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .use_current_thread()
+        .build()
+        .ok();
+}
+
+/// Run `f` so that the decoders' parallel work stays on the calling thread.
+///
+/// `jpeg-decoder` 0.3 has no switch for its single-threaded worker: for any image wider
+/// than 128 px it picks its "multithreaded" worker, which without its `rayon` feature
+/// starts a thread per colour component for the IDCT of every decode (so N pool threads
+/// could keep up to 4N cores busy). With the `rayon` feature it hands that work to the
+/// current rayon pool instead; installing a one-thread pool made of the calling thread
+/// runs all of it here, inline. If this thread is already a rayon worker (no pool can
+/// be made of it), `f` runs in that pool.
+pub(crate) fn one_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    ONE_THREAD.with(|pool| match pool {
+        Some(p) => p.install(f),
+        None => f(),
+    })
+}
+
 struct Shared {
     config: Config,
     counters: Counters,
@@ -148,7 +174,7 @@ impl Shared {
     /// One decode, one thumbnail per spec; counts each result.
     fn run(&self, input: &[u8], specs: &[Spec]) -> Vec<Result<Thumbnail, Error>> {
         let res = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            pipeline::make_many(input, specs, &self.config)
+            one_thread(|| pipeline::make_many(input, specs, &self.config))
         }));
         let res = match res {
             Ok(r) => r,
