@@ -123,6 +123,24 @@ impl<'a> Bits<'a> {
     }
 
     fn fill(&mut self) {
+        // Fast path: the next 8 bytes hold no 0xFF (so no stuffing and no marker): take
+        // as many whole bytes as fit at once.
+        if self.n <= 56
+            && self.marker.is_none()
+            && let Some(chunk) = self.d.get(self.pos..self.pos + 8)
+        {
+            let w = u64::from_be_bytes(chunk.try_into().unwrap_or([0xFF; 8]));
+            let inv = !w;
+            // A zero byte in !w is a 0xFF byte in w.
+            let has_ff = inv.wrapping_sub(0x0101_0101_0101_0101) & !inv & 0x8080_8080_8080_8080;
+            if has_ff == 0 {
+                let k = (64 - self.n) / 8; // 1..=8 bytes
+                self.acc |= (w >> (64 - 8 * k)) << (64 - self.n - 8 * k);
+                self.n += 8 * k;
+                self.pos += k as usize;
+                return;
+            }
+        }
         while self.n <= 56 {
             let mut byte = 0u8;
             if self.marker.is_none() && !self.hit_end {
