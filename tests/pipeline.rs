@@ -181,6 +181,43 @@ async fn thumbnails_are_made_stored_and_reported() {
     );
 }
 
+/// A body held in memory (small) is thumbnailed from memory, a larger one from the stored
+/// file: both give what the thumbnailer makes from the original bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn thumbnails_from_memory_and_from_disk_match_the_original() {
+    let origin = start_origin().await;
+    let rx = start_receiver().await;
+    let svc = Service::start(json!({})).await;
+    let mut bmp = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_fn(400, 300, |x, y| image::Rgb([x as u8, y as u8, 90]))
+        .write_to(&mut bmp, image::ImageFormat::Bmp)
+        .unwrap();
+    let files = [
+        ("small.png", png(400, 300)),
+        ("large.bmp", bmp.into_inner()),
+    ];
+    // One under and one over the 256 KiB the fetcher keeps in memory.
+    assert!(files[0].1.len() < 256 * 1024 && files[1].1.len() > 256 * 1024);
+    let t = downloader::thumbnail::Thumbnailer::new(Default::default());
+    for (name, body) in files {
+        origin.add_file(name, body.clone());
+        let mut j = job(&origin, &format!("/file/{name}"), &rx.url(0), "thumbs", 1);
+        j["thumbnails"] = json!([{"name": "s", "width": 100, "height": 100, "format": "png"}]);
+        let id = svc.submit(j).await;
+        let cb = rx.wait_for(&id, 30).await;
+        assert_eq!(cb["success"], true, "{name}: {cb}");
+        let stored = std::fs::read(svc.storage().join(format!("{}/{id}.s.png", &id[..3]))).unwrap();
+        let mut spec = downloader::thumbnail::Spec::new(100, 100);
+        spec.name = "s".into();
+        spec.format = downloader::thumbnail::OutputFormat::Png;
+        assert_eq!(
+            stored,
+            t.make_blocking(&body, &spec).unwrap().bytes,
+            "{name}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_file_that_cannot_be_thumbnailed_fails_the_job_at_once() {
     let origin = start_origin().await;

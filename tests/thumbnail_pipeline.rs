@@ -162,6 +162,52 @@ fn cmyk_colours() {
     }
 }
 
+/// CMYK and YCCK with an embedded CMYK profile: each patch comes out as the sRGB that
+/// littlecms computed from the ink values and the profile (generate.py), not as the naive
+/// conversion. cmyk-plain.jpg has no Adobe marker: its samples are not inverted.
+#[test]
+fn cmyk_and_ycck_with_profile_to_srgb() {
+    let exp = expected();
+    let rgb = |v: &serde_json::Value| [0, 1, 2].map(|j| v[j].as_u64().unwrap() as u8);
+    let want: Vec<[u8; 3]> = exp["cmyk_icc"]["srgb"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(rgb)
+        .collect();
+    let naive: Vec<[u8; 3]> = exp["cmyk_icc"]["naive"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(rgb)
+        .collect();
+    // The profile must matter for this test to mean anything.
+    assert!(
+        want.iter()
+            .zip(&naive)
+            .filter(|(a, b)| !close(**a, **b, 30))
+            .count()
+            >= 4
+    );
+    let n = want.len() as u32;
+    for name in ["cmyk-icc.jpg", "ycck.jpg", "cmyk-plain.jpg"] {
+        for (w, h) in [(64 * n, 64), (32 * n, 32)] {
+            let mut s = spec(w, h);
+            s.format = OutputFormat::Png;
+            let (_, img) = make(name, &s);
+            assert_eq!((img.width(), img.height()), (w, h), "{name}");
+            let side = w / n;
+            for (i, (want, naive)) in want.iter().zip(&naive).enumerate() {
+                let got = px(&img, i as u32 * side + side / 2, h / 2);
+                assert!(
+                    close(got, *want, 6),
+                    "{name} at {w}x{h}, patch {i}: {got:?}, expected {want:?} (naive {naive:?})"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn adobe_rgb_converted_to_srgb() {
     let exp = expected();
@@ -266,6 +312,72 @@ fn shrink_on_load_close_to_full_decode() {
         let p = psnr(&img.to_rgb8(), &reference);
         assert!(p > 28.0, "{w}x{h}: shrink-on-load PSNR {p:.1} dB");
     }
+}
+
+/// Several specs from one decode give the same thumbnails as one spec at a time when
+/// they share a shrink-on-load scale, and close ones when a larger spec forces a finer
+/// decode for a smaller one; a bad spec fails alone.
+#[test]
+fn several_specs_from_one_decode() {
+    let t = thumbnailer();
+    let sp = |w: u32, h: u32, fit: Fit, format: OutputFormat| {
+        let mut s = spec(w, h);
+        s.fit = fit;
+        s.format = format;
+        s
+    };
+    // 1024x768 JPEGs: all three at 1/2 scale. Orientation, CMYK+ICC and non-JPEG too.
+    let same_scale = vec![
+        sp(256, 256, Fit::Contain, OutputFormat::Same),
+        sp(240, 180, Fit::Fill, OutputFormat::Png),
+        sp(200, 100, Fit::Cover, OutputFormat::Webp),
+    ];
+    for name in [
+        "photo.jpg",
+        "progressive.jpg",
+        "orient-6.jpg",
+        "cmyk-icc.jpg",
+        "rgba.png",
+    ] {
+        let input = fixture(name);
+        let many = t.make_many_blocking(&input, &same_scale);
+        assert_eq!(many.len(), same_scale.len());
+        for (s, got) in same_scale.iter().zip(many) {
+            let one = t.make_blocking(&input, s).unwrap();
+            let got = got.unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(got, one, "{name} {}x{} {:?}", s.width, s.height, s.fit);
+        }
+    }
+    // 64x64 alone would be decoded at 1/8; beside 512x512 it comes from the full decode.
+    let mixed = vec![
+        sp(64, 64, Fit::Contain, OutputFormat::Png),
+        sp(512, 512, Fit::Contain, OutputFormat::Png),
+    ];
+    let input = fixture("photo.jpg");
+    for (s, got) in mixed.iter().zip(t.make_many_blocking(&input, &mixed)) {
+        let got = got.unwrap();
+        let one = t.make_blocking(&input, s).unwrap();
+        assert_eq!((got.width, got.height), (one.width, one.height));
+        let a = image::load_from_memory(&got.bytes).unwrap().to_rgb8();
+        let b = image::load_from_memory(&one.bytes).unwrap().to_rgb8();
+        let p = psnr(&a, &b);
+        assert!(p > 30.0, "{}x{}: PSNR {p:.1} dB", s.width, s.height);
+    }
+    // A bad spec fails alone; an undecodable input fails every spec.
+    let before = t.stats();
+    let with_bad = vec![spec(64, 64), spec(0, 64), spec(32, 32)];
+    let r = t.make_many_blocking(&input, &with_bad);
+    assert!(r[0].is_ok() && r[2].is_ok());
+    assert_eq!(r[1].as_ref().unwrap_err().kind(), ErrorKind::BadParams);
+    let r = t.make_many_blocking(&fixture("truncated.jpg"), &with_bad);
+    assert_eq!(r[0].as_ref().unwrap_err().kind(), ErrorKind::Corrupt);
+    assert_eq!(r[1].as_ref().unwrap_err().kind(), ErrorKind::BadParams);
+    assert_eq!(r[2].as_ref().unwrap_err().kind(), ErrorKind::Corrupt);
+    let after = t.stats();
+    assert_eq!(
+        (after.made - before.made, after.refused - before.refused),
+        (2, 4)
+    );
 }
 
 #[test]

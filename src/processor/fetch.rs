@@ -28,6 +28,8 @@ pub enum Outcome {
         code: u16,
         image_size: String,
         bytes: u64,
+        /// The body, when it was held in memory (small) and the job wants thumbnails.
+        body: Option<bytes::Bytes>,
     },
     /// Final: retrying would not help.
     Fail { error: String, code: u16 },
@@ -184,8 +186,16 @@ impl Fetcher {
             .store_body(resp, &tmp.path, &dest, &mime, timeout)
             .await
         {
-            Ok(bytes) => {
+            Ok((bytes, held)) => {
                 tmp.keep();
+                // Spare the thumbnailer a read of the file it would make from these bytes.
+                let body = match held {
+                    Some(parts) if !job.spec.thumbnails.is_empty() => Some(match &parts[..] {
+                        [one] => one.clone(),
+                        _ => bytes::Bytes::from(parts.concat()),
+                    }),
+                    _ => None,
+                };
                 let image_size = if job.spec.extract_image_size {
                     image_size(dest).await
                 } else {
@@ -195,6 +205,7 @@ impl Fetcher {
                     code,
                     image_size,
                     bytes,
+                    body,
                 }
             }
             Err(mut o) => {
@@ -209,7 +220,8 @@ impl Fetcher {
     /// Streams the body to `tmp`, checking the MIME type on the first bytes and the
     /// size on every chunk, `fsync`s it and renames it to `dest`. Small bodies stay
     /// in memory and are written in one blocking call: most files are small, and each
-    /// trip to the blocking pool costs more than the write.
+    /// trip to the blocking pool costs more than the write. Returns the size, and the
+    /// chunks of a body that was held in memory.
     async fn store_body(
         &self,
         resp: reqwest::Response,
@@ -217,7 +229,7 @@ impl Fetcher {
         dest: &Path,
         mime: &MimePattern,
         timeout: Duration,
-    ) -> Result<u64, Outcome> {
+    ) -> Result<(u64, Option<Vec<bytes::Bytes>>), Outcome> {
         let expected = resp.content_length();
         let mut body = resp.bytes_stream();
         let mut head: Vec<u8> = Vec::with_capacity(SNIFF_BYTES);
@@ -277,12 +289,14 @@ impl Fetcher {
                 f.flush().await.map_err(write_error)?;
                 let f = f.into_std().await;
                 blocking(move || sync_and_rename(f, &t, &d)).await?;
+                Ok((total, None))
             }
             None => {
-                blocking(move || sync_and_rename(write_parts(&t, &held)?, &t, &d)).await?;
+                let parts = held.clone();
+                blocking(move || sync_and_rename(write_parts(&t, &parts)?, &t, &d)).await?;
+                Ok((total, Some(held)))
             }
         }
-        Ok(total)
     }
 }
 

@@ -138,34 +138,28 @@ impl Processor {
         base.mul_f64(jitter).max(retry_after.unwrap_or_default())
     }
 
-    /// Makes the job's thumbnails from its downloaded file and stores each at
+    /// Makes the job's thumbnails from its downloaded file (or its body, when that was
+    /// held in memory), all from one decode, and stores each at
     /// `<root>/<id[0:3]>/<id>.<name>.<ext>`. `Err` says which one failed and why.
-    async fn make_thumbnails(&self, job: &JobRecord) -> Result<Vec<ThumbnailInfo>, String> {
+    async fn make_thumbnails(
+        &self,
+        job: &JobRecord,
+        body: Option<bytes::Bytes>,
+    ) -> Result<Vec<ThumbnailInfo>, String> {
         let specs = job.spec.thumbnail_specs()?;
-        let path = self.fetcher.final_path(&job.id);
-        let max = self.thumbnailer.config().max_input_bytes;
-        let len = tokio::fs::metadata(&path)
+        let data = match body {
+            Some(b) => b,
+            None => self.read_for_thumbnails(&job.id).await?,
+        };
+        let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+        let results = self
+            .thumbnailer
+            .make_many(data, specs)
             .await
-            .map_err(|e| format!("thumbnails: cannot read the downloaded file: {e}"))?
-            .len();
-        if len > max {
-            return Err(format!(
-                "thumbnails: the file is {len} bytes, over thumbnail.max_input_bytes ({max})"
-            ));
-        }
-        let data = bytes::Bytes::from(
-            tokio::fs::read(&path)
-                .await
-                .map_err(|e| format!("thumbnails: cannot read the downloaded file: {e}"))?,
-        );
-        let mut made = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let name = spec.name.clone();
-            let t = self
-                .thumbnailer
-                .make(data.clone(), spec)
-                .await
-                .map_err(|e| format!("thumbnail {name}: {e}"))?;
+            .map_err(|e| format!("thumbnails: {e}"))?;
+        let mut made = Vec::with_capacity(names.len());
+        for (name, t) in names.into_iter().zip(results) {
+            let t = t.map_err(|e| format!("thumbnail {name}: {e}"))?;
             let rel = format!(
                 "{}.{name}.{}",
                 crate::job::relative_path(&job.id),
@@ -187,18 +181,38 @@ impl Processor {
         Ok(made)
     }
 
+    /// The downloaded file, if it is within `thumbnail.max_input_bytes`.
+    async fn read_for_thumbnails(&self, id: &str) -> Result<bytes::Bytes, String> {
+        let path = self.fetcher.final_path(id);
+        let max = self.thumbnailer.config().max_input_bytes;
+        let len = tokio::fs::metadata(&path)
+            .await
+            .map_err(|e| format!("thumbnails: cannot read the downloaded file: {e}"))?
+            .len();
+        if len > max {
+            return Err(format!(
+                "thumbnails: the file is {len} bytes, over thumbnail.max_input_bytes ({max})"
+            ));
+        }
+        Ok(bytes::Bytes::from(tokio::fs::read(&path).await.map_err(
+            |e| format!("thumbnails: cannot read the downloaded file: {e}"),
+        )?))
+    }
+
     /// The download and, when it succeeded, the job's thumbnails.
     async fn run_job(&self, c: &Claimed) -> (Outcome, Vec<ThumbnailInfo>) {
         let started = std::time::Instant::now();
-        let outcome = self.fetcher.fetch(&c.job, c.proxy.as_deref()).await;
+        let mut outcome = self.fetcher.fetch(&c.job, c.proxy.as_deref()).await;
         crate::metrics::metrics()
             .download_seconds
             .observe(started.elapsed().as_secs_f64());
-        let code = match &outcome {
-            Outcome::Success { code, .. } if !c.job.spec.thumbnails.is_empty() => *code,
+        let (code, body) = match &mut outcome {
+            Outcome::Success { code, body, .. } if !c.job.spec.thumbnails.is_empty() => {
+                (*code, body.take())
+            }
             _ => return (outcome, Vec::new()),
         };
-        let result = self.make_thumbnails(&c.job).await;
+        let result = self.make_thumbnails(&c.job, body).await;
         let t = self.thumbnailer.stats();
         self.stats.set("thumbnailsMade", t.made as i64);
         self.stats.set("thumbnailsRefused", t.refused as i64);
@@ -218,6 +232,7 @@ impl Processor {
                 code,
                 image_size,
                 bytes,
+                ..
             } => {
                 self.stats.add(&format!("download.response.{code}"), 1);
                 crate::metrics::metrics().downloaded_bytes.inc_by(bytes);

@@ -123,6 +123,24 @@ impl<'a> Bits<'a> {
     }
 
     fn fill(&mut self) {
+        // Fast path: the next 8 bytes hold no 0xFF (so no stuffing and no marker): take
+        // as many whole bytes as fit at once.
+        if self.n <= 56
+            && self.marker.is_none()
+            && let Some(chunk) = self.d.get(self.pos..self.pos + 8)
+        {
+            let w = u64::from_be_bytes(chunk.try_into().unwrap_or([0xFF; 8]));
+            let inv = !w;
+            // A zero byte in !w is a 0xFF byte in w.
+            let has_ff = inv.wrapping_sub(0x0101_0101_0101_0101) & !inv & 0x8080_8080_8080_8080;
+            if has_ff == 0 {
+                let k = (64 - self.n) / 8; // 1..=8 bytes
+                self.acc |= (w >> (64 - 8 * k)) << (64 - self.n - 8 * k);
+                self.n += 8 * k;
+                self.pos += k as usize;
+                return;
+            }
+        }
         while self.n <= 56 {
             let mut byte = 0u8;
             if self.marker.is_none() && !self.hit_end {
@@ -257,6 +275,31 @@ struct Frame {
 
 fn be16(d: &[u8], i: usize) -> Option<usize> {
     Some(((*d.get(i)? as usize) << 8) | *d.get(i + 1)? as usize)
+}
+
+/// Whether the header (the segments before the first scan) has an Adobe APP14 marker.
+/// Its presence decides how a 4-component JPEG's samples are to be read: Adobe files
+/// store CMYK inverted (0 = full ink), others store ink amounts as they are.
+pub fn has_adobe_marker(d: &[u8]) -> bool {
+    let mut pos = 2usize;
+    while let (Some(0xFF), Some(&m)) = (d.get(pos), d.get(pos + 1)) {
+        if m == 0xFF {
+            pos += 1;
+            continue;
+        }
+        let Some(len) = be16(d, pos + 2) else {
+            return false;
+        };
+        let seg = d.get(pos + 4..pos + 2 + len).unwrap_or_default();
+        if m == 0xEE && seg.starts_with(b"Adobe") {
+            return true;
+        }
+        if m == 0xDA || m == 0xD9 || len < 2 {
+            return false;
+        }
+        pos += 2 + len;
+    }
+    false
 }
 
 /// Decode at 1/8 scale from the DC coefficients, or `None` to fall back.

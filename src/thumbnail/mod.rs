@@ -139,15 +139,42 @@ struct Counters {
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
+thread_local! {
+    /// A rayon pool whose one thread is this thread (made on first use, kept for the
+    /// thread's life: rayon leaks such a pool's registry, so never one per call).
+    static ONE_THREAD: Option<rayon::ThreadPool> = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .use_current_thread()
+        .build()
+        .ok();
+}
+
+/// Run `f` so that the decoders' parallel work stays on the calling thread.
+///
+/// `jpeg-decoder` 0.3 has no switch for its single-threaded worker: for any image wider
+/// than 128 px it picks its "multithreaded" worker, which without its `rayon` feature
+/// starts a thread per colour component for the IDCT of every decode (so N pool threads
+/// could keep up to 4N cores busy). With the `rayon` feature it hands that work to the
+/// current rayon pool instead; installing a one-thread pool made of the calling thread
+/// runs all of it here, inline. If this thread is already a rayon worker (no pool can
+/// be made of it), `f` runs in that pool.
+pub(crate) fn one_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    ONE_THREAD.with(|pool| match pool {
+        Some(p) => p.install(f),
+        None => f(),
+    })
+}
+
 struct Shared {
     config: Config,
     counters: Counters,
 }
 
 impl Shared {
-    fn run(&self, input: &[u8], spec: &Spec) -> Result<Thumbnail, Error> {
+    /// One decode, one thumbnail per spec; counts each result.
+    fn run(&self, input: &[u8], specs: &[Spec]) -> Vec<Result<Thumbnail, Error>> {
         let res = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            pipeline::make(input, spec, &self.config)
+            one_thread(|| pipeline::make_many(input, specs, &self.config))
         }));
         let res = match res {
             Ok(r) => r,
@@ -159,15 +186,18 @@ impl Shared {
                     .or_else(|| p.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown".into());
                 tracing::warn!(panic = %msg, "thumbnail decoder panicked");
-                Err(Error::Corrupt(format!(
+                let e = Error::Corrupt(format!(
                     "the image could not be decoded (decoder failure: {msg})"
-                )))
+                ));
+                vec![Err(e); specs.len()]
             }
         };
-        match &res {
-            Ok(_) => self.counters.made.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.counters.refused.fetch_add(1, Ordering::Relaxed),
-        };
+        for r in &res {
+            match r {
+                Ok(_) => self.counters.made.fetch_add(1, Ordering::Relaxed),
+                Err(_) => self.counters.refused.fetch_add(1, Ordering::Relaxed),
+            };
+        }
         res
     }
 }
@@ -224,6 +254,20 @@ impl Thumbnailer {
 
     /// Make a thumbnail on the pool. Waits (asynchronously) for a free worker.
     pub async fn make(&self, input: bytes::Bytes, spec: Spec) -> Result<Thumbnail, Error> {
+        self.make_many(input, vec![spec])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(Error::BadParams("no thumbnail spec".into())))
+    }
+
+    /// Make one thumbnail per spec from a single decode (at the JPEG shrink-on-load scale
+    /// that suits the largest), on the pool, as one job. The outer `Err` is the pool being
+    /// shut down; otherwise one result per spec, in order.
+    pub async fn make_many(
+        &self,
+        input: bytes::Bytes,
+        specs: Vec<Spec>,
+    ) -> Result<Vec<Result<Thumbnail, Error>>, Error> {
         let permit = self
             .permits
             .clone()
@@ -233,7 +277,7 @@ impl Thumbnailer {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shared = self.shared.clone();
         let job: Job = Box::new(move || {
-            let res = shared.run(&input, &spec);
+            let res = shared.run(&input, &specs);
             drop(permit);
             let _ = tx.send(res);
         });
@@ -247,12 +291,23 @@ impl Thumbnailer {
                 .map_err(|_| Error::Unsupported("thumbnailer is shut down".into()))?;
         }
         rx.await
-            .map_err(|_| Error::Corrupt("thumbnail worker stopped unexpectedly".into()))?
+            .map_err(|_| Error::Corrupt("thumbnail worker stopped unexpectedly".into()))
     }
 
     /// Make a thumbnail on the calling thread (for the CLI, which runs its own threads).
     pub fn make_blocking(&self, input: &[u8], spec: &Spec) -> Result<Thumbnail, Error> {
-        self.shared.run(input, spec)
+        self.make_many_blocking(input, std::slice::from_ref(spec))
+            .pop()
+            .unwrap_or_else(|| Err(Error::BadParams("no thumbnail spec".into())))
+    }
+
+    /// [`Thumbnailer::make_many`] on the calling thread.
+    pub fn make_many_blocking(
+        &self,
+        input: &[u8],
+        specs: &[Spec],
+    ) -> Vec<Result<Thumbnail, Error>> {
+        self.shared.run(input, specs)
     }
 
     pub fn stats(&self) -> Stats {

@@ -269,11 +269,14 @@ pub fn jpeg_shrink(plan: &Plan) -> u32 {
 
 /// A decoded image with what we need from its metadata.
 struct Decoded {
+    /// For a CMYK source: an `ImageRgba8` holding C, M, Y, K ink amounts (0 = no ink).
     image: DynamicImage,
     icc: Option<Vec<u8>>,
     orientation: Orientation,
     /// Factor by which the decode was shrunk relative to the header size.
     shrink: f64,
+    /// `image` holds CMYK (from a CMYK or YCCK JPEG), not RGBA.
+    cmyk: bool,
 }
 
 fn swaps(o: Orientation) -> bool {
@@ -286,7 +289,8 @@ fn swaps(o: Orientation) -> bool {
     )
 }
 
-fn decode_jpeg(input: &[u8], p: &Probe, spec: &Spec, cfg: &Config) -> Result<Decoded, Error> {
+/// Decode a JPEG at the DCT scale that suits the largest of `specs` (the least shrink).
+fn decode_jpeg(input: &[u8], p: &Probe, specs: &[&Spec], cfg: &Config) -> Result<Decoded, Error> {
     let mut d = jpeg_decoder::Decoder::new(Cursor::new(input));
     d.set_max_decoding_buffer_size(usize::try_from(cfg.max_alloc_bytes).unwrap_or(usize::MAX));
     d.read_info().map_err(jpeg_err)?;
@@ -294,8 +298,11 @@ fn decode_jpeg(input: &[u8], p: &Probe, spec: &Spec, cfg: &Config) -> Result<Dec
         .exif_data()
         .and_then(Orientation::from_exif_chunk)
         .unwrap_or(Orientation::NoTransforms);
-    let pl = plan(p.width, p.height, swaps(orientation), spec);
-    let den = jpeg_shrink(&pl);
+    let den = specs
+        .iter()
+        .map(|s| jpeg_shrink(&plan(p.width, p.height, swaps(orientation), s)))
+        .min()
+        .unwrap_or(1);
     if den == 8 {
         // Exact 1/8 scale from the DC coefficients only; falls back on anything unusual.
         let max_blocks = usize::try_from(cfg.max_alloc_bytes / 4).unwrap_or(usize::MAX);
@@ -315,6 +322,7 @@ fn decode_jpeg(input: &[u8], p: &Probe, spec: &Spec, cfg: &Config) -> Result<Dec
                     icc: d.icc_profile(),
                     orientation,
                     shrink: 8.0,
+                    cmyk: false,
                 });
             }
         }
@@ -350,21 +358,24 @@ fn decode_jpeg(input: &[u8], p: &Probe, spec: &Spec, cfg: &Config) -> Result<Dec
         }
         P::CMYK32 => {
             check_len(&pixels, n * 4)?;
-            image::RgbImage::from_raw(w, h, cmyk_to_rgb(&pixels)).map(DynamicImage::ImageRgb8)
+            // `jpeg-decoder` reads every CMYK/YCCK file as Adobe-inverted (as Photoshop
+            // writes them) and undoes the inversion and the YCCK transform, giving ink
+            // amounts. A file without the Adobe marker stores ink amounts as they are, so
+            // that inversion must be undone again.
+            let mut pixels = pixels;
+            if !super::jpeg_dc::has_adobe_marker(input) {
+                pixels.iter_mut().for_each(|v| *v = 255 - *v);
+            }
+            image::RgbaImage::from_raw(w, h, pixels).map(DynamicImage::ImageRgba8)
         }
     }
     .ok_or_else(|| Error::Corrupt("corrupt JPEG: short pixel buffer".into()))?;
-    // A CMYK profile does not apply to the RGB we made from it.
-    let icc = if info.pixel_format == P::CMYK32 {
-        None
-    } else {
-        d.icc_profile()
-    };
     Ok(Decoded {
         image,
-        icc,
+        icc: d.icc_profile(),
         orientation,
         shrink: if den > 1 { den as f64 } else { 1.0 },
+        cmyk: info.pixel_format == P::CMYK32,
     })
 }
 
@@ -375,8 +386,9 @@ fn check_len(buf: &[u8], n: usize) -> Result<(), Error> {
     Ok(())
 }
 
-/// Naive CMYK → RGB (what Pillow and most browsers do without a CMYK profile).
-/// `jpeg-decoder` already undoes the Adobe inversion and the YCCK transform.
+/// Naive CMYK → RGB, for CMYK without a usable embedded profile: R = (1 − C)(1 − K) and
+/// so on (what Pillow, libjpeg-based viewers and browsers do without a CMYK profile).
+/// Input is ink amounts (0 = no ink).
 fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(cmyk.len() / 4 * 3);
     for px in cmyk.chunks_exact(4) {
@@ -477,6 +489,7 @@ fn decode_tiff(input: &[u8], p: &Probe, cfg: &Config) -> Result<Option<Decoded>,
         icc,
         orientation,
         shrink: 1.0,
+        cmyk: false,
     }))
 }
 
@@ -497,6 +510,7 @@ fn decode_other(input: &[u8], p: &Probe, cfg: &Config) -> Result<Decoded, Error>
         icc,
         orientation,
         shrink: 1.0,
+        cmyk: false,
     })
 }
 
@@ -552,12 +566,14 @@ fn rebuild(w: u32, h: u32, like: &DynamicImage, buf: Vec<u8>) -> Option<DynamicI
 }
 
 /// Lanczos3 resize of `img` (8-bit layouts only) cropped to `crop`, to `w`×`h`.
-/// Alpha is premultiplied during the resize by `fast_image_resize`.
+/// With `alpha`, a fourth channel is alpha and is premultiplied during the resize by
+/// `fast_image_resize`; without, all channels are independent (CMYK).
 pub(crate) fn resize(
     img: &DynamicImage,
     crop: (f64, f64, f64, f64),
     w: u32,
     h: u32,
+    alpha: bool,
 ) -> Result<DynamicImage, Error> {
     let (sw, sh) = (img.width(), img.height());
     let full = crop.0 <= 0.0 && crop.1 <= 0.0 && crop.2 >= sw as f64 && crop.3 >= sh as f64;
@@ -568,8 +584,9 @@ pub(crate) fn resize(
     let src = fr::images::ImageRef::new(sw, sh, img.as_bytes(), pt)
         .map_err(|e| Error::Corrupt(format!("resize: {e}")))?;
     let mut dst = fr::images::Image::new(w, h, pt);
-    let mut opts =
-        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3));
+    let mut opts = fr::ResizeOptions::new()
+        .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3))
+        .use_alpha(alpha);
     if !full {
         opts = opts.crop(crop.0, crop.1, crop.2, crop.3);
     }
@@ -579,31 +596,68 @@ pub(crate) fn resize(
     rebuild(w, h, img, dst.into_vec()).ok_or_else(|| Error::Corrupt("resize: bad buffer".into()))
 }
 
-/// Convert from the embedded ICC profile to sRGB. Profiles that cannot be parsed or are
-/// not RGB are ignored (the pixels are then taken as sRGB).
-fn to_srgb(img: DynamicImage, icc: &[u8]) -> DynamicImage {
-    let Ok(src) = moxcms::ColorProfile::new_from_slice(icc) else {
-        return img;
+type Transform = std::sync::Arc<moxcms::Transform8BitExecutor>;
+
+/// The transform from the embedded ICC profile to sRGB for an image laid out like `img`
+/// (RGB, RGBA, or CMYK when `cmyk`). `None` when there is no profile to apply: profiles
+/// that cannot be parsed, or whose colour space does not match the pixels, are ignored
+/// (RGB pixels are then taken as sRGB, CMYK converted naively).
+fn srgb_transform(img: &DynamicImage, icc: &[u8], cmyk: bool) -> Option<Transform> {
+    let src = moxcms::ColorProfile::new_from_slice(icc).ok()?;
+    let (space, from, to) = match img {
+        DynamicImage::ImageRgba8(_) if cmyk => (
+            moxcms::DataColorSpace::Cmyk,
+            moxcms::Layout::Rgba,
+            moxcms::Layout::Rgb,
+        ),
+        DynamicImage::ImageRgb8(_) => (
+            moxcms::DataColorSpace::Rgb,
+            moxcms::Layout::Rgb,
+            moxcms::Layout::Rgb,
+        ),
+        DynamicImage::ImageRgba8(_) => (
+            moxcms::DataColorSpace::Rgb,
+            moxcms::Layout::Rgba,
+            moxcms::Layout::Rgba,
+        ),
+        _ => return None,
     };
-    if src.color_space != moxcms::DataColorSpace::Rgb {
-        return img;
+    if src.color_space != space {
+        return None;
     }
-    let layout = match &img {
-        DynamicImage::ImageRgb8(_) => moxcms::Layout::Rgb,
-        DynamicImage::ImageRgba8(_) => moxcms::Layout::Rgba,
-        _ => return img,
-    };
     let dst = moxcms::ColorProfile::new_srgb();
-    let Ok(t) =
-        src.create_transform_8bit(layout, &dst, layout, moxcms::TransformOptions::default())
-    else {
-        return img;
+    src.create_transform_8bit(from, &dst, to, moxcms::TransformOptions::default())
+        .ok()
+}
+
+/// Bring a resized image to sRGB: through `t` when there is one, else CMYK naively and
+/// anything else as it is.
+fn to_srgb(img: DynamicImage, t: Option<&Transform>, cmyk: bool) -> Result<DynamicImage, Error> {
+    let (w, h) = (img.width(), img.height());
+    let bad = || Error::Corrupt("colour conversion: bad buffer".into());
+    let Some(t) = t else {
+        return Ok(if cmyk {
+            let rgb = cmyk_to_rgb(img.as_bytes());
+            DynamicImage::ImageRgb8(image::RgbImage::from_raw(w, h, rgb).ok_or_else(bad)?)
+        } else {
+            img
+        });
     };
-    let mut out = vec![0u8; img.as_bytes().len()];
-    if t.transform(img.as_bytes(), &mut out).is_err() {
-        return img;
+    let channels = if cmyk {
+        3
+    } else {
+        img.color().channel_count() as usize
+    };
+    let mut out = vec![0u8; w as usize * h as usize * channels];
+    t.transform(img.as_bytes(), &mut out)
+        .map_err(|e| Error::Corrupt(format!("colour conversion: {e}")))?;
+    if cmyk {
+        Ok(DynamicImage::ImageRgb8(
+            image::RgbImage::from_raw(w, h, out).ok_or_else(bad)?,
+        ))
+    } else {
+        rebuild(w, h, &img, out).ok_or_else(bad)
     }
-    rebuild(img.width(), img.height(), &img, out).unwrap_or(img)
 }
 
 /// Composite alpha over `bg` (sRGB values, as browsers do).
@@ -703,7 +757,39 @@ fn encode(img: &DynamicImage, format: Format, spec: &Spec) -> Result<Vec<u8>, Er
 
 /// The whole pipeline for one input and one spec (runs on the calling thread).
 pub fn make(input: &[u8], spec: &Spec, cfg: &Config) -> Result<Thumbnail, Error> {
-    spec.validate().map_err(Error::BadParams)?;
+    make_many(input, std::slice::from_ref(spec), cfg)
+        .pop()
+        .unwrap_or_else(|| Err(Error::BadParams("no thumbnail spec".into())))
+}
+
+/// One decode, several thumbnails: the image is decoded once, at the JPEG shrink-on-load
+/// scale that suits the largest of `specs`, then resized, converted and encoded for each.
+/// One result per spec, in order; a spec that does not validate fails alone, an input that
+/// cannot be decoded fails them all with the same error.
+pub fn make_many(input: &[u8], specs: &[Spec], cfg: &Config) -> Vec<Result<Thumbnail, Error>> {
+    let valid: Vec<&Spec> = specs.iter().filter(|s| s.validate().is_ok()).collect();
+    let decoded = if valid.is_empty() {
+        Err(Error::BadParams("no valid thumbnail spec".into()))
+    } else {
+        decode(input, &valid, cfg)
+    };
+    specs
+        .iter()
+        .map(|spec| {
+            spec.validate().map_err(Error::BadParams)?;
+            let (p, d, t) = decoded.as_ref().map_err(Clone::clone)?;
+            render(p, d, t.as_ref(), spec)
+        })
+        .collect()
+}
+
+/// Check the input against the limits and decode it, ready for [`render`]: 8-bit, opaque
+/// alpha dropped, with the transform to sRGB of its embedded profile.
+fn decode(
+    input: &[u8],
+    specs: &[&Spec],
+    cfg: &Config,
+) -> Result<(Probe, Decoded, Option<Transform>), Error> {
     if input.len() as u64 > cfg.max_input_bytes {
         return Err(Error::TooLarge(format!(
             "input is {} bytes, over the limit of {} bytes",
@@ -716,8 +802,8 @@ pub fn make(input: &[u8], spec: &Spec, cfg: &Config) -> Result<Thumbnail, Error>
     }
     let p = probe(input)?;
     check_limits(input, &p, cfg)?;
-    let d = if p.format == Format::Jpeg {
-        decode_jpeg(input, &p, spec, cfg)?
+    let mut d = if p.format == Format::Jpeg {
+        decode_jpeg(input, &p, specs, cfg)?
     } else if p.format == Format::Tiff
         && let Some(d) = decode_tiff(input, &p, cfg)?
     {
@@ -725,17 +811,25 @@ pub fn make(input: &[u8], spec: &Spec, cfg: &Config) -> Result<Thumbnail, Error>
     } else {
         decode_other(input, &p, cfg)?
     };
+    if !d.cmyk {
+        d.image = drop_opaque_alpha(to_8bit(d.image));
+    }
+    let t = d
+        .icc
+        .as_deref()
+        .and_then(|icc| srgb_transform(&d.image, icc, d.cmyk));
+    Ok((p, d, t))
+}
+
+/// resize → colour → flatten → orient → encode, for one spec.
+fn render(p: &Probe, d: &Decoded, t: Option<&Transform>, spec: &Spec) -> Result<Thumbnail, Error> {
     let out_format = spec.format.resolve(p.format);
-    let swap = swaps(d.orientation);
     // Plan in header coordinates, then scale the crop to the decoded size.
-    let pl = plan(p.width, p.height, swap, spec);
+    let pl = plan(p.width, p.height, swaps(d.orientation), spec);
     let s = d.shrink;
     let crop = (pl.crop.0 / s, pl.crop.1 / s, pl.crop.2 / s, pl.crop.3 / s);
-    let img = drop_opaque_alpha(to_8bit(d.image));
-    let mut img = resize(&img, crop, pl.out_w, pl.out_h)?;
-    if let Some(icc) = &d.icc {
-        img = to_srgb(img, icc);
-    }
+    let img = resize(&d.image, crop, pl.out_w, pl.out_h, !d.cmyk)?;
+    let mut img = to_srgb(img, t, d.cmyk)?;
     if !out_format.has_alpha() {
         img = flatten(img, spec.background);
     }
