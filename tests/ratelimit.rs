@@ -237,10 +237,16 @@ async fn rate_keys_expire_and_bad_rates_are_refused() {
         "a key without expiry: {keys:?}"
     );
     eventually(10, "limiter keys to expire", async || {
-        let left: Vec<_> = ["rate:*", "hostrate:*", "hostslots:*", "hostpause:*"]
-            .iter()
-            .flat_map(|p| svc.keys_with_ttl(p))
-            .collect();
+        let left: Vec<_> = [
+            "rate:*",
+            "hostrate:*",
+            "hostslots:*",
+            "hostpause:*",
+            "hostwait:*",
+        ]
+        .iter()
+        .flat_map(|p| svc.keys_with_ttl(p))
+        .collect();
         left.is_empty().then_some(())
     })
     .await;
@@ -277,4 +283,41 @@ async fn max_concurrent_downloads_caps_one_processor_over_all_aggregations() {
     }
     let most = origin.max_concurrency("all");
     assert!((1..=2).contains(&most), "{most} downloads at once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_host_concurrency_holds_across_processors() {
+    let origin = start_origin().await;
+    let rx = start_receiver().await;
+    let mut svc = Service::start(json!({"processor": {"per_host_concurrency": 2}})).await;
+    svc.spawn("processor-2", &["processor"]);
+    // Three aggregations with room for 4 each, one host: at most 2 at once. Waiting
+    // jobs are parked and woken as slots free, so this takes well under the 2 s
+    // fallback per wave.
+    let t0 = Instant::now();
+    let mut ids = Vec::new();
+    for a in 0..3 {
+        for _ in 0..4 {
+            let j = job(
+                &origin,
+                "/aggr/onehost/1",
+                &rx.url(0),
+                &format!("hc-{a}"),
+                4,
+            );
+            ids.push(svc.submit(j).await);
+        }
+    }
+    for id in &ids {
+        assert_eq!(rx.wait_for(id, 30).await["success"], true);
+    }
+    let most = origin.max_concurrency("onehost");
+    assert!(
+        (1..=2).contains(&most),
+        "{most} downloads from one host at once"
+    );
+    for id in &ids {
+        assert_eq!(svc.job(id).await["download_attempts"], 1);
+    }
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
 }

@@ -152,6 +152,7 @@ conformance!(
     aggr_burst_allows_that_many_at_once,
     host_rate_books_slots_across_aggregations,
     host_concurrency_caps_and_frees,
+    host_concurrency_parks_until_a_slot_is_freed,
     host_pause_defers_without_spending_an_attempt,
 );
 
@@ -470,6 +471,78 @@ mod cases {
             "{:?}",
             t0.elapsed()
         );
+    }
+
+    pub async fn host_concurrency_parks_until_a_slot_is_freed(s: Arc<dyn Store>) {
+        let one = HostLimits {
+            rate: 0.0,
+            burst: 1,
+            concurrency: 1,
+        };
+        for _ in 0..3 {
+            s.submit(&new_id(), &spec("park", 5, None)).await.unwrap();
+        }
+        let (got, _) = s.claim_many(Queue::Download, LONG, 10).await.unwrap();
+        let host = "park.test";
+        assert_eq!(
+            s.host_permit(&got[0].job.id, &got[0].token, host, one, LONG)
+                .await
+                .unwrap(),
+            HostPermit::Granted
+        );
+        for c in &got[1..] {
+            let HostPermit::Wait { delay, reason } = s
+                .host_permit(&c.job.id, &c.token, host, one, LONG)
+                .await
+                .unwrap()
+            else {
+                panic!("the host is full");
+            };
+            assert_eq!(reason, WaitReason::HostConcurrency);
+            assert!(
+                delay >= Duration::from_secs(1),
+                "a fallback, not a poll: {delay:?}"
+            );
+            assert!(
+                s.defer_download(&c.job.id, &c.token, None, delay, reason)
+                    .await
+                    .unwrap()
+            );
+        }
+        // Parked: nothing to claim until the slot is freed.
+        assert!(empty(&s, Queue::Download).await.is_some());
+        let t0 = Instant::now();
+        s.finish_download(&got[0].job.id, &got[0].token, &ok_result(), HOUR)
+            .await
+            .unwrap();
+        // Freeing the slot wakes exactly one, at once (not at its fallback).
+        let next = claim(&s, Queue::Download, LONG).await;
+        assert_eq!(next.job.id, got[1].job.id, "the oldest parked one");
+        assert!(
+            t0.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(job(&s, &next.job.id).await.download_attempts, 1);
+        assert!(
+            empty(&s, Queue::Download).await.is_some(),
+            "the other stays parked"
+        );
+        assert_eq!(
+            s.host_permit(&next.job.id, &next.token, host, one, LONG)
+                .await
+                .unwrap(),
+            HostPermit::Granted
+        );
+        // Handing it back (shutdown) frees the slot and wakes the last one.
+        assert!(
+            s.release(Queue::Download, &next.job.id, &next.token)
+                .await
+                .unwrap()
+        );
+        let (woken, _) = s.claim_many(Queue::Download, LONG, 10).await.unwrap();
+        let ids: Vec<_> = woken.iter().map(|c| c.job.id.clone()).collect();
+        assert!(ids.contains(&got[2].job.id), "{ids:?}");
     }
 
     pub async fn host_pause_defers_without_spending_an_attempt(s: Arc<dyn Store>) {

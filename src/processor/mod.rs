@@ -327,7 +327,10 @@ impl Processor {
             Err(e) => {
                 // Going ahead could break a host's limits; ask again shortly.
                 tracing::warn!(error = %e, "cannot check the host's limits; deferring");
-                (crate::store::HOST_SLOT_RECHECK, WaitReason::HostConcurrency)
+                (
+                    crate::store::HOST_PARK_FALLBACK,
+                    WaitReason::HostConcurrency,
+                )
             }
         };
         self.defer(c, host, None, delay, reason).await;

@@ -74,8 +74,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
 use super::{
-    AggrSummary, Claimed, DownloadResult, HOST_SLOT_RECHECK, HostLimits, HostPermit, Queue, Result,
-    RetryCallback, Store, StoreError, WaitReason, gcra, millis,
+    AggrSummary, Claimed, DownloadResult, HOST_PARK_FALLBACK, HostLimits, HostPermit, Queue,
+    Result, RetryCallback, Store, StoreError, WaitReason, gcra, millis,
 };
 use crate::job::{JobRecord, JobSpec, state};
 
@@ -141,6 +141,9 @@ struct Host {
     tat: f64,
     pause_until: u64,
     slots: BTreeMap<String, u64>,
+    /// Downloads parked for a free slot, oldest first.
+    #[serde(default)]
+    waiting: std::collections::VecDeque<String>,
 }
 
 impl Default for Aggr {
@@ -367,7 +370,8 @@ impl<'t> W<'t> {
     /// (as the Redis keys expire).
     fn put_host(&mut self, h: &str, host: &Host) -> R<()> {
         let now = self.now;
-        if host.tat <= now as f64 && host.pause_until <= now && host.slots.is_empty() {
+        let idle = host.tat <= now as f64 && host.pause_until <= now && host.slots.is_empty();
+        if idle && host.waiting.is_empty() {
             if self.hosts.remove(h)?.is_some() {
                 self.dirty = true;
             }
@@ -383,29 +387,70 @@ impl<'t> W<'t> {
     /// never seen again do not stay forever (Redis: their keys expire).
     fn sweep_hosts(&mut self) -> R<()> {
         let start = char::from(b'a' + rand::random_range(0..26u8)).to_string();
-        let mut idle = Vec::new();
+        let now = self.now;
+        let mut quiet = Vec::new();
         for e in self.hosts.range::<&str>(start.as_str()..)?.take(HOST_SWEEP) {
             let (k, v) = e?;
-            let mut host: Host = serde_json::from_str(v.value()).map_err(corrupt)?;
-            host.slots.retain(|_, exp| *exp > self.now);
-            let now = self.now;
-            if host.tat <= now as f64 && host.pause_until <= now && host.slots.is_empty() {
-                idle.push(k.value().to_string());
+            let host: Host = serde_json::from_str(v.value()).map_err(corrupt)?;
+            let busy = host.slots.values().any(|exp| *exp > now);
+            if host.tat <= now as f64 && host.pause_until <= now && !busy {
+                quiet.push((k.value().to_string(), host));
             }
         }
-        for h in idle {
-            self.hosts.remove(h.as_str())?;
-            self.dirty = true;
+        for (h, mut host) in quiet {
+            host.slots.clear();
+            // Entries of downloads no longer parked (they came back at their fallback
+            // time) go; a host with a parked download stays.
+            for _ in 0..16 {
+                let Some(w) = host.waiting.front() else { break };
+                let parked = self.job(w)?.is_some_and(|f| {
+                    f.get("wait")
+                        .is_some_and(|r| r == WaitReason::HostConcurrency.as_str())
+                        && f.contains_key("dl_delayed_at")
+                });
+                if parked {
+                    break;
+                }
+                host.waiting.pop_front();
+            }
+            if host.waiting.is_empty() {
+                self.put_host(&h, &host)?;
+            }
         }
         Ok(())
     }
 
-    /// PRELUDE `free_host`: frees the host slot the download holds, if any.
+    /// PRELUDE `free_host`: frees the host slot the download holds, if any, and wakes
+    /// a download waiting for it (PRELUDE `unpark`).
     fn free_host(&mut self, id: &str, f: &mut Fields) -> R<()> {
         if let Some(h) = f.remove("host") {
             let mut host = self.host(&h)?;
             host.slots.remove(id);
+            self.unpark(&mut host)?;
             self.put_host(&h, &host)?;
+        }
+        Ok(())
+    }
+
+    /// Makes one download parked for `host`'s concurrency due now; entries of jobs no
+    /// longer parked are dropped on the way.
+    fn unpark(&mut self, host: &mut Host) -> R<()> {
+        for _ in 0..16 {
+            let Some(w) = host.waiting.pop_front() else {
+                return Ok(());
+            };
+            let Some(mut f) = self.job(&w)? else { continue };
+            let parked = f
+                .get("wait")
+                .is_some_and(|r| r == WaitReason::HostConcurrency.as_str());
+            if parked && f.contains_key("dl_delayed_at") {
+                let now = self.now;
+                self.zadd(false, "dl", &w, &mut f, now)?;
+                set(&mut f, "next_at", now);
+                self.put_job(&w, &f)?;
+                self.wake(Queue::Download);
+                return Ok(());
+            }
         }
         Ok(())
     }
@@ -996,6 +1041,15 @@ fn requeue_download(
         set(&mut f, "dl_error", &r.error);
         set(&mut f, "response_code", r.response_code);
     }
+    // Refused for its host's concurrency: parked until a slot of the host is freed
+    // (`delay` is only the fallback).
+    if let Some(h) = f.remove("host_wait")
+        && reason == Some(WaitReason::HostConcurrency)
+    {
+        let mut host = w.host(&h)?;
+        host.waiting.push_back(id.to_string());
+        w.put_host(&h, &host)?;
+    }
     set(&mut f, "dl_state", state::PENDING);
     set(&mut f, "next_at", at);
     w.zadd(false, "dl", id, &mut f, at)?;
@@ -1347,7 +1401,13 @@ impl Store for EmbeddedStore {
                 if !host.slots.contains_key(&id) && host.slots.len() >= limits.concurrency as usize
                 {
                     w.put_host(&h, &host)?;
-                    return Ok(wait(millis(HOST_SLOT_RECHECK), WaitReason::HostConcurrency));
+                    // Deferring it parks it on the host (requeue_download).
+                    set(&mut f, "host_wait", &h);
+                    w.put_job(&id, &f)?;
+                    return Ok(wait(
+                        millis(HOST_PARK_FALLBACK),
+                        WaitReason::HostConcurrency,
+                    ));
                 }
             }
             if limits.rate > 0.0 {

@@ -72,8 +72,10 @@ impl HostLimits {
     };
 }
 
-/// How long a download refused for its host's concurrency waits before it asks again.
-pub const HOST_SLOT_RECHECK: Duration = Duration::from_millis(200);
+/// A download refused for its host's concurrency is parked until a download frees one
+/// of the host's slots; it asks again after this long at the latest (a lost wake-up,
+/// or limits changed by a restart).
+pub const HOST_PARK_FALLBACK: Duration = Duration::from_secs(2);
 
 /// Whether a claimed download may go to its host now.
 #[derive(Debug, Clone, PartialEq, Eq)]

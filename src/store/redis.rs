@@ -15,8 +15,8 @@ use redis::{AsyncCommands, Script, Value};
 use tokio::sync::Mutex;
 
 use super::{
-    AggrSummary, Claimed, DownloadResult, HOST_SLOT_RECHECK, HostLimits, HostPermit, Queue, Result,
-    RetryCallback, Store, StoreError, WaitReason, millis,
+    AggrSummary, Claimed, DownloadResult, HOST_PARK_FALLBACK, HostLimits, HostPermit, Queue,
+    Result, RetryCallback, Store, StoreError, WaitReason, millis,
 };
 use crate::config::RedisConfig;
 use crate::job::{JobRecord, JobSpec};
@@ -76,11 +76,32 @@ local function gcra(key, rate, burst, now, reserve)
   return true, new - tolerance
 end
 -- Frees the per-host slot a download holds, if any.
+-- Wakes one download parked for `h`'s concurrency (see REQUEUE_DOWNLOAD): it is
+-- due now instead of at its fallback time. Entries of jobs no longer parked are
+-- dropped on the way.
+local function unpark(h)
+  local wl = P..'hostwait:'..h
+  for _ = 1, 16 do
+    local w = redis.call('LPOP', wl)
+    if not w then return end
+    if redis.call('HGET', P..'job:'..w, 'wait') == 'host_concurrency'
+        and redis.call('ZSCORE', P..'dl:delayed', w) then
+      local t = n2s(now_ms())
+      redis.call('ZADD', P..'dl:delayed', t, w)
+      redis.call('HSET', P..'job:'..w, 'next_at', t)
+      wake('dl')
+      return
+    end
+  end
+end
+-- Frees the per-host slot a download holds, if any, and wakes a download waiting
+-- for it.
 local function free_host(k, id)
   local h = redis.call('HGET', k, 'host')
   if h then
     redis.call('ZREM', P..'hostslots:'..h, id)
     redis.call('HDEL', k, 'host')
+    unpark(h)
   end
 end
 local function enqueue_callback(id, now, keep)
@@ -326,6 +347,16 @@ if reason ~= '' then
   redis.call('HSET', k, 'wait', reason)
   if reason == 'host_paused' then redis.call('HINCRBY', k, 'dl_pauses', 1) end
 end
+-- Refused for its host's concurrency: parked until a slot of the host is freed
+-- (`delay` is only the fallback).
+local hw = redis.call('HGET', k, 'host_wait')
+if hw then
+  redis.call('HDEL', k, 'host_wait')
+  if reason == 'host_concurrency' then
+    redis.call('RPUSH', P..'hostwait:'..hw, id)
+    redis.call('PEXPIRE', P..'hostwait:'..hw, n2s(math.max(60000, 10 * delay)))
+  end
+end
 if has_result == '1' then redis.call('HSET', k, 'dl_error', err, 'response_code', code) end
 redis.call('HSET', k, 'dl_state', 'Pending', 'next_at', at)
 redis.call('ZADD', P..'dl:delayed', at, id)
@@ -374,6 +405,8 @@ local slots = P..'hostslots:'..h
 if conc > 0 then
   redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
   if not redis.call('ZSCORE', slots, id) and redis.call('ZCARD', slots) >= conc then
+    -- Deferring it parks it on the host (REQUEUE_DOWNLOAD).
+    redis.call('HSET', k, 'host_wait', h)
     return {'host_concurrency', n2s(recheck)}
   end
 end
@@ -791,7 +824,7 @@ impl Store for RedisStore {
                     .arg(limits.burst.max(1))
                     .arg(limits.concurrency)
                     .arg(millis(lease))
-                    .arg(millis(HOST_SLOT_RECHECK)),
+                    .arg(millis(HOST_PARK_FALLBACK)),
             )
             .await?;
         let delay = Duration::from_millis(ms.parse().unwrap_or(0));
