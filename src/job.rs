@@ -55,6 +55,14 @@ pub const MAX_BURST: u64 = 100_000;
 pub const MAX_THUMBNAILS: usize = 8;
 
 impl JobSpec {
+    /// The URL's host (lower case): the key of per-host limits and pauses.
+    pub fn host(&self) -> String {
+        url::Url::parse(&self.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+            .unwrap_or_default()
+    }
+
     /// The job's thumbnail specs, parsed (they were validated at submit).
     pub fn thumbnail_specs(&self) -> Result<Vec<crate::thumbnail::Spec>, String> {
         self.thumbnails

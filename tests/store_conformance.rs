@@ -154,6 +154,7 @@ conformance!(
     host_concurrency_caps_and_frees,
     host_concurrency_parks_until_a_slot_is_freed,
     host_pause_defers_without_spending_an_attempt,
+    claim_holds_back_jobs_of_a_paused_host,
 );
 
 // ------------------------------------------------------------------ helpers
@@ -543,6 +544,35 @@ mod cases {
         let (woken, _) = s.claim_many(Queue::Download, LONG, 10).await.unwrap();
         let ids: Vec<_> = woken.iter().map(|c| c.job.id.clone()).collect();
         assert!(ids.contains(&got[2].job.id), "{ids:?}");
+    }
+
+    pub async fn claim_holds_back_jobs_of_a_paused_host(s: Arc<dyn Store>) {
+        // spec()'s URL is on origin.test.
+        s.pause_host("origin.test", Duration::from_millis(400))
+            .await
+            .unwrap();
+        let (paused, other) = (new_id(), new_id());
+        s.submit(&paused, &spec("ph", 5, None)).await.unwrap();
+        let elsewhere = JobSpec {
+            url: "http://elsewhere.test/f".into(),
+            ..spec("ph", 5, None)
+        };
+        s.submit(&other, &elsewhere).await.unwrap();
+        let (got, _) = s.claim_many(Queue::Download, LONG, 10).await.unwrap();
+        let ids: Vec<_> = got.iter().map(|c| c.job.id.clone()).collect();
+        assert_eq!(ids, vec![other.clone()], "only the job of the other host");
+        let rec = job(&s, &paused).await;
+        assert_eq!(
+            (rec.download_attempts, rec.waiting_for.as_str()),
+            (0, "host_paused")
+        );
+        let due = empty(&s, Queue::Download)
+            .await
+            .expect("due after the pause");
+        assert!(due <= Duration::from_millis(400), "{due:?}");
+        let c = claim_eventually(&s, Queue::Download, LONG, 5).await;
+        assert_eq!(c.job.id, paused);
+        assert_eq!(c.job.download_attempts, 1);
     }
 
     pub async fn host_pause_defers_without_spending_an_attempt(s: Arc<dyn Store>) {

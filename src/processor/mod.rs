@@ -374,14 +374,6 @@ impl Processor {
     }
 }
 
-/// The host a job's URL names (lower case), the key of its per-host limits.
-fn job_host(url: &str) -> String {
-    url::Url::parse(url)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
-        .unwrap_or_default()
-}
-
 fn failed(error: String, code: u16) -> DownloadResult {
     DownloadResult {
         success: false,
@@ -409,8 +401,9 @@ impl Handler for Processor {
             attempt = c.job.download_attempts
         );
         async {
-            let host = job_host(&c.job.spec.url);
-            if !self.host_allows(&c, &host).await {
+            let host = c.job.spec.host();
+            // Pauses are checked by the claim itself; the rest only when configured.
+            if self.host_limits != HostLimits::OFF && !self.host_allows(&c, &host).await {
                 return;
             }
             let aggr = c.job.spec.aggr_id.clone();

@@ -926,6 +926,21 @@ fn claim_downloads(
                 w.refresh(&a)?;
                 continue;
             };
+            // A job whose host an origin paused waits out the pause in `delayed` (not
+            // an attempt) instead of being handed out.
+            let paused = match f.get("url_host") {
+                Some(h) => w.host(h)?.pause_until,
+                None => 0,
+            };
+            if paused > now {
+                set(&mut f, "dl_state", state::PENDING);
+                set(&mut f, "wait", WaitReason::HostPaused.as_str());
+                set(&mut f, "next_at", paused);
+                w.zadd(false, "dl", &id, &mut f, paused)?;
+                w.put_job(&id, &f)?;
+                w.refresh(&a)?;
+                continue;
+            }
             let mut ag = w.aggr(&a)?;
             ag.inflight += 1;
             w.put_aggr(&a, &ag)?;
@@ -1231,6 +1246,7 @@ impl Store for EmbeddedStore {
             set(&mut f, "dl_state", state::PENDING);
             set(&mut f, "dl_attempts", 0);
             set(&mut f, "created_at", w.now);
+            set(&mut f, "url_host", spec.host());
             w.put_job(&id, &f)?;
             w.push_pending(a, &id, false)?;
             if w.refresh(a)? {

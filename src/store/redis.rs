@@ -127,7 +127,7 @@ fn script(body: &str) -> Script {
 static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local id, spec, a, limit, proxy, has_cb, rate, burst = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local id, spec, a, limit, proxy, has_cb, rate, burst, host = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local k = P..'job:'..id
 if redis.call('EXISTS', k) == 1 then return 0 end
 local ak = P..'aggr:'..a
@@ -138,7 +138,7 @@ if tonumber(old[1] or '0') ~= tonumber(rate) or tonumber(old[2] or '1') ~= tonum
   redis.call('ZREM', P..'ratewait', a)
 end
 redis.call('HSET', k, 'spec', spec, 'aggr', a, 'has_cb', has_cb, 'dl_state', 'Pending',
-  'dl_attempts', 0, 'created_at', n2s(now_ms()))
+  'dl_attempts', 0, 'created_at', n2s(now_ms()), 'url_host', host)
 redis.call('RPUSH', P..'pending:'..a, id)
 if refresh(a) then wake('dl') end
 return 1
@@ -210,6 +210,15 @@ while #out < max and tries < max + 16 do
       -- Waits out of `ready` (refresh below), holding no slot; claims come back then.
       redis.call('ZADD', P..'ratewait', n2s(math.ceil(at)), a)
     end
+  end
+  -- A job whose host an origin paused waits out the pause in `dl:delayed` (not an
+  -- attempt) instead of being handed out.
+  local paused = id and redis.call('PTTL', P..'hostpause:'..(redis.call('HGET', P..'job:'..id, 'url_host') or ''))
+  if paused and paused > 0 then
+    local at = n2s(now + paused)
+    redis.call('HSET', P..'job:'..id, 'dl_state', 'Pending', 'wait', 'host_paused', 'next_at', at)
+    redis.call('ZADD', P..'dl:delayed', at, id)
+    id = false
   end
   if id then
     redis.call('HINCRBY', ak, 'inflight', 1)
@@ -675,7 +684,8 @@ impl Store for RedisStore {
                     .arg(spec.aggr_proxy.as_deref().unwrap_or(""))
                     .arg(if spec.callback.is_some() { "1" } else { "0" })
                     .arg(spec.aggr_rate.unwrap_or(0.0))
-                    .arg(spec.aggr_burst.unwrap_or(1)),
+                    .arg(spec.aggr_burst.unwrap_or(1))
+                    .arg(spec.host()),
             )
             .await?;
         if created == 1 {
