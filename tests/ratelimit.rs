@@ -321,3 +321,44 @@ async fn per_host_concurrency_holds_across_processors() {
     }
     assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_after_a_redirect_pauses_the_host_that_answered() {
+    let origin = start_origin().await;
+    let rx = start_receiver().await;
+    let svc = Service::start(json!({})).await;
+    origin.add_file("f", b"x".to_vec());
+    // 127.0.0.1 redirects to localhost, which answers 429 with Retry-After: 2.
+    let id = svc
+        .submit(job(
+            &origin,
+            "/via-localhost/pause/2/1/r",
+            &rx.url(0),
+            "redir",
+            5,
+        ))
+        .await;
+    eventually(10, "the 429", async || {
+        (origin.hits("/pause/2/1/r") == 1).then_some(())
+    })
+    .await;
+    let t429 = origin.times("/pause/2/1/r")[0];
+    // The job's own host was not paused: its other jobs go at once.
+    let direct = svc
+        .submit(job(&origin, "/file/f", &rx.url(0), "redir-2", 5))
+        .await;
+    rx.wait_for(&direct, 10).await;
+    let direct_at = origin.times("/file/f")[0];
+    assert!(
+        direct_at - t429 < Duration::from_millis(1500),
+        "a job to the redirecting host waited {:?}",
+        direct_at - t429
+    );
+    assert_eq!(rx.wait_for(&id, 20).await["success"], true);
+    let again = origin.times("/pause/2/1/r")[1];
+    assert!(
+        again - t429 >= Duration::from_millis(1950),
+        "{:?}",
+        again - t429
+    );
+}

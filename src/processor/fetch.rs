@@ -33,11 +33,13 @@ pub enum Outcome {
     },
     /// Final: retrying would not help.
     Fail { error: String, code: u16 },
-    /// Worth another attempt; `after` is the origin's Retry-After.
+    /// Worth another attempt; `after` is the origin's Retry-After, `host` the host
+    /// that answered (after redirects).
     Retry {
         error: String,
         code: u16,
         after: Option<Duration>,
+        host: Option<String>,
     },
 }
 
@@ -166,6 +168,7 @@ impl Fetcher {
                     error,
                     code,
                     after: retry_after(resp.headers()),
+                    host: resp.url().host_str().map(str::to_ascii_lowercase),
                 }
             } else {
                 Outcome::Fail { error, code }
@@ -321,6 +324,7 @@ fn write_error(e: std::io::Error) -> Outcome {
         error: format!("cannot write file: {e}"),
         code: 0,
         after: None,
+        host: None,
     }
 }
 
@@ -470,6 +474,7 @@ fn classify(e: &reqwest::Error, code: u16, timeout: Duration) -> Outcome {
         error,
         code,
         after: None,
+        host: None,
     };
     if let Some(r) = find::<AddressRefused>(e) {
         return fail(r.to_string());

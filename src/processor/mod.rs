@@ -257,7 +257,9 @@ impl Processor {
                 tracing::warn!(error, code, "download failed");
                 (failed(error, code), None)
             }
-            Outcome::Retry { error, code, after } => {
+            Outcome::Retry {
+                error, code, after, ..
+            } => {
                 self.count_failure(code);
                 let attempts = job.download_attempts;
                 if attempts > job.spec.max_retries {
@@ -416,10 +418,13 @@ impl Handler for Processor {
             match outcome {
                 // The host's pauses are free (no attempt spent), up to a bound: an origin
                 // that never stops asking gets ordinary retries, which run out.
-                Some((Outcome::Retry { error, code: code @ (429 | 503), after: Some(after) }, _))
+                // The host that answered is paused: after a redirect, that is the
+                // redirect's target (a CDN, say), not the job's own host.
+                Some((Outcome::Retry { error, code: code @ (429 | 503), after: Some(after), host: answered }, _))
                     if c.job.download_pauses < MAX_FREE_PAUSES =>
                 {
-                    self.pause_host(&c, &host, code, error, after).await
+                    let paused = answered.unwrap_or(host);
+                    self.pause_host(&c, &paused, code, error, after).await
                 }
                 Some((o, thumbnails)) => self.record(&c, o, thumbnails).await,
                 None => {

@@ -157,6 +157,7 @@ pub async fn start_origin() -> Origin {
         .route("/pause/{secs}/{n}/{key}", get(pause))
         .route("/aggr/{aggr}/{n}", get(aggr))
         .route("/redirect", get(redirect))
+        .route("/via-localhost/{*rest}", get(via_localhost))
         .with_state(state.clone());
     Origin {
         addr: serve_local(app).await,
@@ -254,6 +255,23 @@ async fn redirect(State(s): State<Arc<OriginState>>, h: HeaderMap) -> Response {
         [("location", "http://169.254.169.254/latest/meta-data/")],
     )
         .into_response()
+}
+
+/// Redirects to the same path on `localhost` (another host name for this server).
+async fn via_localhost(
+    State(s): State<Arc<OriginState>>,
+    UrlPath(rest): UrlPath<String>,
+    h: HeaderMap,
+) -> Response {
+    count(&s, &format!("/via-localhost/{rest}"), &h);
+    let port = h
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(':').next())
+        .unwrap_or_default()
+        .to_string();
+    let to = format!("http://localhost:{port}/{rest}");
+    (StatusCode::FOUND, [("location", to)]).into_response()
 }
 
 /// Holds each request a little while, recording concurrency per aggregation.
