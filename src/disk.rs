@@ -16,7 +16,7 @@ use crate::metrics::metrics;
 
 /// How long one statvfs may take (a hung network filesystem) before the check is
 /// counted as failed.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Used space of the filesystem holding `path`, in percent, as `df` computes it: space
 /// reserved for root counts as neither used nor available.
@@ -83,10 +83,15 @@ impl DiskWatch {
     }
 
     /// Checks now and every `interval` until `stop`, sending `true` on `may_claim`
-    /// while claiming is allowed. A failed check keeps the last decision.
+    /// while claiming is allowed (the first check's decision is always sent, so a
+    /// caller can wait for it). A failed check keeps the last decision. At most one
+    /// check runs at a time: a statvfs stuck on a hung mount is waited for, not
+    /// joined by a new blocked thread every tick.
     pub async fn run(self, may_claim: watch::Sender<bool>, stop: CancellationToken) {
         let mut state = Hysteresis::new(self.high, self.low);
         let mut failing = false;
+        let mut first = true;
+        let mut running: Option<tokio::task::JoinHandle<std::io::Result<f64>>> = None;
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -94,25 +99,34 @@ impl DiskWatch {
                 _ = tick.tick() => {}
                 _ = stop.cancelled() => return,
             }
-            let path = self.path.clone();
-            let used = tokio::time::timeout(
-                CHECK_TIMEOUT,
-                tokio::task::spawn_blocking(move || used_percent(&path)),
-            )
-            .await;
             metrics().disk_checks.inc();
+            let mut check = match running.take() {
+                // The last check is still blocked: wait on it rather than start another.
+                Some(h) if !h.is_finished() => h,
+                _ => {
+                    let path = self.path.clone();
+                    tokio::task::spawn_blocking(move || used_percent(&path))
+                }
+            };
+            let used = match tokio::time::timeout(CHECK_TIMEOUT, &mut check).await {
+                Ok(Ok(Ok(p))) => Ok(p),
+                Ok(Ok(Err(e))) => Err(e.to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => {
+                    running = Some(check);
+                    Err(format!("no answer within {CHECK_TIMEOUT:?}"))
+                }
+            };
             let used = match used {
-                Ok(Ok(Ok(p))) => p,
-                other => {
-                    let error = match other {
-                        Ok(Ok(Err(e))) => e.to_string(),
-                        Ok(Err(e)) => e.to_string(),
-                        _ => format!("no answer within {CHECK_TIMEOUT:?}"),
-                    };
+                Ok(p) => p,
+                Err(error) => {
                     if !failing {
                         tracing::warn!(path = %self.path.display(), error, "cannot read the storage filesystem's usage; keeping the last decision");
                     }
                     failing = true;
+                    if std::mem::take(&mut first) {
+                        may_claim.send_replace(!state.paused());
+                    }
                     continue;
                 }
             };
@@ -137,7 +151,10 @@ impl DiskWatch {
                 }
                 metrics().claims_paused.set(i64::from(paused));
                 may_claim.send_replace(!paused);
+            } else if std::mem::take(&mut first) {
+                may_claim.send_replace(!state.paused());
             }
+            first = false;
         }
     }
 }

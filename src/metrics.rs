@@ -72,6 +72,7 @@ struct Snapshot {
     /// `None` when the store did not answer in time.
     pending: Option<Vec<(String, u64)>>,
     thumbnails: Option<crate::thumbnail::Stats>,
+    process: Process,
 }
 
 #[derive(Debug, Default)]
@@ -350,6 +351,9 @@ pub struct Sources {
 
 /// The metrics as OpenMetrics text, with the scrape-time values read now.
 pub async fn render(sources: &Sources) -> String {
+    // One scrape at a time: each encodes the snapshot it gathered, not another's.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = ONE_AT_A_TIME.lock().await;
     let pending = match &sources.store {
         Some(store) => match tokio::time::timeout(STORE_TIMEOUT, store.aggregations()).await {
             Ok(Ok(list)) => Some(list.into_iter().map(|a| (a.name, a.pending)).collect()),
@@ -364,11 +368,16 @@ pub async fn render(sources: &Sources) -> String {
         },
         None => None,
     };
+    // /proc reads (up to one entry per open fd) stay off the async threads.
+    let process = tokio::task::spawn_blocking(process)
+        .await
+        .unwrap_or_default();
     let m = metrics();
     {
         let mut s = lock(&m.scrape.snapshot);
         s.pending = pending;
         s.thumbnails = sources.thumbnailer.as_ref().map(|t| t.stats());
+        s.process = process;
     }
     let mut out = String::new();
     // Writing into a String cannot fail.
@@ -469,7 +478,7 @@ impl prometheus_client::collector::Collector for Scrape {
             counter(
                 &mut encoder,
                 "thumbnails_refused",
-                "Thumbnail inputs refused (too large, corrupt, unsupported)",
+                "Thumbnails not made because their input was refused (too large, corrupt, unsupported); one per requested thumbnail",
                 t.refused,
             )?;
         }
@@ -489,7 +498,7 @@ impl prometheus_client::collector::Collector for Scrape {
             None,
             crate::web::server::OPEN_CONNECTIONS.load(Ordering::Relaxed),
         )?;
-        let p = process();
+        let p = snapshot.process;
         if let Some(rss) = p.rss_bytes {
             gauge(
                 &mut encoder,

@@ -356,11 +356,18 @@ async fn metrics_count_jobs_callbacks_and_failures_per_process() {
         ("downloader_jobs_failed_total{reason=\"http_4xx\"}", 1.0),
         ("downloader_jobs_failed_total{reason=\"mime\"}", 0.0),
         ("downloader_downloaded_bytes_total", 1234.0),
-        ("downloader_downloads_in_flight", 0.0),
         ("downloader_claims_paused", 0.0),
     ] {
         assert_eq!(sample(&p, series), Some(want), "{series} in\n{p}");
     }
+    // A download leaves the gauge after it recorded its result (which the
+    // callback may already have followed).
+    wait_metric(
+        &format!("{processor}/metrics"),
+        "downloader_downloads_in_flight",
+        |v| v == 0.0,
+    )
+    .await;
     assert!(sample(&p, "downloader_process_open_fds").unwrap() > 3.0);
     assert!(sample(&p, "downloader_process_resident_memory_bytes").unwrap() > 1e6);
     assert!(sample(&p, "downloader_tasks_live").unwrap() >= 1.0);
@@ -377,7 +384,13 @@ async fn metrics_count_jobs_callbacks_and_failures_per_process() {
         Some(3.0)
     );
     assert_eq!(sample(&n, "downloader_callbacks_failed_total"), Some(0.0));
-    assert_eq!(sample(&n, "downloader_callbacks_in_flight"), Some(0.0));
+    // The delivery is counted before it is recorded; the in-flight guard goes after.
+    wait_metric(
+        &format!("{notifier}/metrics"),
+        "downloader_callbacks_in_flight",
+        |v| v == 0.0,
+    )
+    .await;
 
     // The admin listeners also answer /healthz and /info.
     for (base, component) in [(&processor, "processor"), (&notifier, "notifier")] {
@@ -454,12 +467,13 @@ async fn a_full_disk_stops_claims_until_it_is_below_the_low_watermark() {
         .count();
     assert_eq!(per_aggr, 10, "{web}");
 
-    // Below the low watermark again (a restart with the default marks): claims resume.
+    // Below the low watermark again (a restart with higher marks): claims resume.
     assert!(svc.sigterm("processor").success());
     let mut cfg: Value = serde_json::from_slice(&std::fs::read(&svc.config).unwrap()).unwrap();
     let p = cfg["processor"].as_object_mut().unwrap();
-    p.remove("disk_high_watermark_percent");
-    p.remove("disk_low_watermark_percent");
+    // Marks no real filesystem is above (the defaults would fail on a full CI disk).
+    p.insert("disk_high_watermark_percent".into(), json!(100.0));
+    p.insert("disk_low_watermark_percent".into(), json!(99.9));
     std::fs::write(&svc.config, serde_json::to_vec(&cfg).unwrap()).unwrap();
     svc.spawn("processor", &["processor"]);
     for id in &ids {
@@ -698,4 +712,28 @@ fn bad_admin_and_disk_keys_are_config_errors() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(key), "{key} not named in {err}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_pooled_connection_does_not_hold_shutdown() {
+    let mut svc = Service::start_with(json!({}), &[]).await;
+    // A client pool opened it ahead of need and never sent a byte.
+    let s = tokio::net::TcpStream::connect(svc.web_addr).await.unwrap();
+    let accepted = format!("connection accepted peer={}", s.local_addr().unwrap());
+    eventually(10, "web to accept the connection", async || {
+        lines_of(&svc, "web")
+            .iter()
+            .any(|l| l.contains(&accepted))
+            .then_some(())
+    })
+    .await;
+    let t = std::time::Instant::now();
+    assert!(svc.sigterm("web").success());
+    // Not the 30 s header timeout: a second after its accept it is closed.
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+    drop(s);
 }

@@ -84,9 +84,12 @@ impl Processor {
             Duration::from_millis(cfg.processor.stats_interval),
             stop_stats.clone(),
         ));
-        let (may_claim, gate) = tokio::sync::watch::channel(true);
+        let (may_claim, mut gate) = tokio::sync::watch::channel(true);
         let disk = crate::disk::DiskWatch::from_config(cfg, self.fetcher.root().to_path_buf());
         let watcher = tokio::spawn(disk.run(may_claim, stop_stats.clone()).in_current_span());
+        // A processor (re)started on a full disk must not claim before the first check.
+        let first_check = crate::disk::CHECK_TIMEOUT + Duration::from_secs(1);
+        let _ = tokio::time::timeout(first_check, gate.changed()).await;
         let wc = WorkerConfig {
             queue: Queue::Download,
             lease: Duration::from_secs(cfg.processor.lease_secs),
@@ -101,7 +104,20 @@ impl Processor {
         let _ = watcher.await;
     }
 
-    fn enter(&self, aggr: &str) {
+    /// Counts a download of `aggr` as running until the guard is dropped (also when
+    /// its task panics or is aborted).
+    fn enter<'a>(&'a self, aggr: &'a str) -> impl Drop + 'a {
+        struct Running<'a>(&'a Processor, &'a str);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.leave(self.1);
+            }
+        }
+        self.count_entered(aggr);
+        Running(self, aggr)
+    }
+
+    fn count_entered(&self, aggr: &str) {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         crate::metrics::metrics().download_entered(aggr);
         let n = pools.entry(aggr.to_string()).or_default();
@@ -408,8 +424,7 @@ impl Handler for Processor {
             if self.host_limits != HostLimits::OFF && !self.host_allows(&c, &host).await {
                 return;
             }
-            let aggr = c.job.spec.aggr_id.clone();
-            self.enter(&aggr);
+            let _running = self.enter(&c.job.spec.aggr_id);
             tracing::debug!(url = %c.job.spec.url, "download started");
             let outcome = tokio::select! {
                 o = self.run_job(&c) => Some(o),
@@ -417,9 +432,9 @@ impl Handler for Processor {
             };
             match outcome {
                 // The host's pauses are free (no attempt spent), up to a bound: an origin
-                // that never stops asking gets ordinary retries, which run out.
-                // The host that answered is paused: after a redirect, that is the
-                // redirect's target (a CDN, say), not the job's own host.
+                // that never stops asking gets ordinary retries, which run out. The host
+                // that answered is paused: after a redirect, that is the redirect's
+                // target (a CDN, say), not the job's own host.
                 Some((Outcome::Retry { error, code: code @ (429 | 503), after: Some(after), host: answered }, _))
                     if c.job.download_pauses < MAX_FREE_PAUSES =>
                 {
@@ -434,7 +449,6 @@ impl Handler for Processor {
                     }
                 }
             }
-            self.leave(&aggr);
         }
         .instrument(span)
         .await

@@ -119,8 +119,9 @@ pub async fn serve(
             let stream = FirstByte::new(stream);
             let first_byte = stream.seen.clone();
             let conn = http.serve_connection(TokioIo::new(stream), service);
+            let silent_until = tokio::time::Instant::now() + FIRST_BYTE_GRACE;
             tokio::select! {
-                r = drain(conn, first_byte, shutdown) => if let Err(e) = r {
+                r = drain(conn, first_byte, silent_until, shutdown) => if let Err(e) = r {
                     tracing::debug!(error = %e, "connection ended with an error");
                 },
                 _ = abort.cancelled() => {}
@@ -154,15 +155,23 @@ type Conn = hyper::server::conn::http1::Connection<
     TowerToHyperService<tower_http::timeout::RequestBodyTimeout<Router>>,
 >;
 
+/// How long after its accept a connection that has sent nothing yet may still be
+/// carrying a request on its way: its first bytes follow within a round trip. Beyond
+/// that, a silent connection is one a client opened ahead of need (connection pools
+/// do), and shutdown closes it.
+const FIRST_BYTE_GRACE: Duration = Duration::from_secs(1);
+
 /// Runs `conn`; once `shutdown` fires, lets it finish the request in progress and closes
 /// it. hyper's own graceful shutdown closes a connection that has not sent a byte yet,
 /// yet the client may be sending its request this instant: such a connection first
-/// gets until its header timeout for that byte. (An idle keep-alive connection, past
-/// its first request, is closed at once: a request its client sends at that instant
-/// fails as with any server; clients retry those on a new connection.)
+/// gets until `silent_until` (its accept plus [`FIRST_BYTE_GRACE`]) for that byte.
+/// (An idle keep-alive connection, past its first request, is closed at once: a
+/// request its client sends at that instant fails as with any server; clients retry
+/// those on a new connection.)
 async fn drain(
     conn: Conn,
     first_byte: Arc<Notify>,
+    silent_until: tokio::time::Instant,
     shutdown: CancellationToken,
 ) -> hyper::Result<()> {
     let mut conn = std::pin::pin!(conn);
@@ -173,6 +182,7 @@ async fn drain(
     tokio::select! {
         r = conn.as_mut() => return r,
         _ = first_byte.notified() => {}
+        _ = tokio::time::sleep_until(silent_until) => {}
     }
     conn.as_mut().graceful_shutdown();
     conn.await
