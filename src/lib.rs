@@ -3,20 +3,33 @@
 //!
 //! See ARCHITECTURE.md for how the pieces fit together.
 
+#[cfg(feature = "service")]
 pub mod config;
+#[cfg(feature = "service")]
 pub mod disk;
+#[cfg(feature = "service")]
 pub mod job;
+#[cfg(feature = "service")]
 pub mod logging;
+#[cfg(feature = "service")]
 pub mod metrics;
+#[cfg(feature = "service")]
 pub mod notifier;
+#[cfg(feature = "service")]
 pub mod processor;
+#[cfg(feature = "service")]
 pub mod stats;
+#[cfg(feature = "service")]
 pub mod store;
+#[cfg(feature = "service")]
 pub mod systemd;
 pub mod thumbnail;
+#[cfg(feature = "service")]
 pub mod web;
+#[cfg(feature = "service")]
 pub mod worker;
 
+#[cfg(feature = "service")]
 use std::sync::Arc;
 
 /// `0.1.0 (commit 1a2b3c4d5e6f, built 2026-11-22)`.
@@ -29,14 +42,18 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
+#[cfg(feature = "service")]
 use tokio_util::sync::CancellationToken;
+#[cfg(feature = "service")]
 use tracing::Instrument;
 
+#[cfg(feature = "service")]
 /// Selects rustls' pure-Rust-verified `ring` provider for every TLS client, once.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+#[cfg(feature = "service")]
 /// Opens the store the config selects.
 pub async fn connect_store(cfg: &config::Config) -> anyhow::Result<Arc<dyn store::Store>> {
     match cfg.store_kind() {
@@ -52,6 +69,7 @@ pub async fn connect_store(cfg: &config::Config) -> anyhow::Result<Arc<dyn store
     }
 }
 
+#[cfg(feature = "service")]
 /// A token cancelled on the first SIGTERM or SIGINT. SIGHUP (whose default action
 /// would end the process) is logged and otherwise ignored: logs go to stderr and
 /// the config is read once, so there is nothing to reopen.

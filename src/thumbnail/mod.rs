@@ -15,8 +15,10 @@
 //! All decoding runs behind `catch_unwind`; a caught panic is a `Corrupt` error and is
 //! counted in [`Stats::panics`].
 
+#[cfg(feature = "service")]
 pub mod cli;
 mod gif_frames;
+#[cfg(feature = "service")]
 pub mod http;
 pub mod jpeg_dc;
 pub mod pipeline;
