@@ -33,6 +33,9 @@ struct Huffman {
     /// For AC tables: next 9 bits → code length + magnitude bits (low 4 bits) and how far
     /// the coefficient index advances (bits 4..9; 0 = end of block); 0 = use the slow path.
     fast_ac: [u16; 512],
+    /// For AC tables: next 9 bits → a whole nonzero coefficient when its code and magnitude
+    /// bits fit: `value << 12 | run << 4 | bits used`; 0 = use the slow path.
+    fast_acv: [i32; 512],
     maxcode: [i32; 18],
     valptr: [i32; 17],
     mincode: [i32; 17],
@@ -48,6 +51,7 @@ impl Huffman {
         let mut h = Huffman {
             fast: [0; 512],
             fast_ac: [0; 512],
+            fast_acv: [0; 512],
             maxcode: [-1; 18],
             valptr: [0; 17],
             mincode: [0; 17],
@@ -90,6 +94,11 @@ impl Huffman {
             let (r, sz) = (rs >> 4, rs & 15);
             if len + sz > 9 {
                 continue;
+            }
+            if sz > 0 {
+                let mag = (i as u32 >> (9 - len - sz)) & ((1 << sz) - 1);
+                let v = extend(mag, sz as u32);
+                h.fast_acv[i] = (v << 12) | ((r as i32) << 4) | (len + sz) as i32;
             }
             let advance = match (r, sz) {
                 (0, 0) => 0,   // end of block
@@ -648,10 +657,27 @@ fn skip_ac(bits: &mut Bits, ac: &Huffman, mut k: u32) -> Option<()> {
     Some(())
 }
 
-/// Natural (row-major) index of the first 25 zig-zag positions: they cover the top-left
-/// 4×4 of the block (the first 5 cover the top-left 2×2).
-const ZIGZAG: [u8; 25] = [
-    0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27,
+/// (zig-zag index, row-major index in the `n`×`n` block) of the coefficients kept: the
+/// top-left 2×2 lies within the first 5 zig-zag positions, the top-left 4×4 within the
+/// first 25 (checked against the zig-zag order by a test).
+const PICK_2X2: [(u8, u8); 4] = [(0, 0), (1, 1), (2, 2), (4, 3)];
+const PICK_4X4: [(u8, u8); 16] = [
+    (0, 0),
+    (1, 1),
+    (2, 4),
+    (3, 8),
+    (4, 5),
+    (5, 2),
+    (6, 3),
+    (7, 6),
+    (8, 9),
+    (9, 12),
+    (11, 13),
+    (12, 10),
+    (13, 7),
+    (17, 11),
+    (18, 14),
+    (24, 15),
 ];
 
 /// Decode a sequential block's AC coefficients keeping the top-left `n`×`n` (`n` 2 or 4),
@@ -671,6 +697,21 @@ fn reduced_block(
     zz[0] = dc;
     let mut k = 1usize;
     while k <= kmax {
+        if bits.n < 16 {
+            bits.fill();
+        }
+        let e = ac.fast_acv[(bits.acc >> 55) as usize];
+        if e != 0 {
+            let used = (e & 15) as u32;
+            bits.acc <<= used;
+            bits.n -= used;
+            k += ((e >> 4) & 15) as usize;
+            if let Some(z) = zz.get_mut(k) {
+                *z = e >> 12;
+            }
+            k += 1;
+            continue;
+        }
         let rs = bits.decode(ac)?;
         let (r, s) = ((rs >> 4) as usize, (rs & 15) as u32);
         if s == 0 {
@@ -693,11 +734,10 @@ fn reduced_block(
     // samples are within ±2048 (plus half a quantization step); clamping keeps the integer
     // arithmetic below in range for any input.
     let mut c = [0i64; 16];
-    for (kk, (&z, &nat)) in zz.iter().zip(&ZIGZAG).enumerate().take(kmax + 1) {
-        let (row, col) = (nat as usize / 8, nat as usize % 8);
-        if row < n && col < n {
-            c[row * n + col] = (z as i64 * q[kk] as i64).clamp(-32768, 32767);
-        }
+    let picks: &[(u8, u8)] = if n == 2 { &PICK_2X2 } else { &PICK_4X4 };
+    for &(k, i) in picks {
+        let (k, i) = (k as usize, i as usize);
+        c[i] = (zz[k] as i64 * q[k] as i64).clamp(-32768, 32767);
     }
     if n == 2 {
         idct_2x2(&c, out, stride)
@@ -915,6 +955,7 @@ fn upsample_row(
     (cw, ch): (usize, usize),
     (rx, ry): (usize, usize),
     y: usize,
+    (t, wide): (&mut Vec<u32>, &mut Vec<u8>),
     out: &mut [u8],
 ) -> Option<()> {
     let near = (y / ry).min(ch - 1);
@@ -925,23 +966,31 @@ fn upsample_row(
     };
     let near = plane.get(near * stride..near * stride + cw)?;
     let far = plane.get(far * stride..far * stride + cw)?;
-    // Vertical pass, ×4.
-    let t = |i: usize| 3 * near[i] as u32 + far[i] as u32;
-    if rx == 1 {
-        for (x, o) in out.iter_mut().enumerate() {
-            *o = ((t(x.min(cw - 1)) + 2) >> 2) as u8;
-        }
-    } else {
-        for (x, o) in out.iter_mut().enumerate() {
-            let n = (x / 2).min(cw - 1);
-            let f = if x % 2 == 0 {
-                n.saturating_sub(1)
-            } else {
-                (n + 1).min(cw - 1)
-            };
-            *o = ((3 * t(n) + t(f) + 8) >> 4) as u8;
-        }
+    if rx == 1 && ry == 1 {
+        out.copy_from_slice(near.get(..out.len())?);
+        return Some(());
     }
+    // Vertical pass, ×4.
+    t.clear();
+    t.extend(near.iter().zip(far).map(|(&n, &f)| 3 * n as u32 + f as u32));
+    if rx == 1 {
+        let len = out.len();
+        for (o, &v) in out.iter_mut().zip(t.get(..len)?) {
+            *o = ((v + 2) >> 2) as u8;
+        }
+        return Some(());
+    }
+    // Horizontal: output 2i takes ¾ of t[i] and ¼ of t[i-1], 2i+1 ¾ of t[i] and ¼ of t[i+1].
+    wide.clear();
+    wide.resize(2 * cw, 0);
+    let edge = |v: u32| ((v + 2) >> 2) as u8;
+    wide[0] = edge(t[0]);
+    wide[2 * cw - 1] = edge(t[cw - 1]);
+    for (o, p) in wide[1..2 * cw - 1].chunks_exact_mut(2).zip(t.windows(2)) {
+        o[0] = ((3 * p[0] + p[1] + 8) >> 4) as u8;
+        o[1] = ((3 * p[1] + p[0] + 8) >> 4) as u8;
+    }
+    out.copy_from_slice(wide.get(..out.len())?);
     Some(())
 }
 
@@ -956,7 +1005,9 @@ fn render_scaled(f: &Frame) -> Option<DcImage> {
     let oh = (f.height * n).div_ceil(8);
     let nc = f.comps.len();
     let mut lines = vec![vec![0u8; ow]; nc];
-    let mut data = Vec::with_capacity(ow * oh * nc);
+    let (mut t, mut wide) = (Vec::new(), Vec::new());
+    let mut data = vec![0u8; ow * oh * nc];
+    let mut rows = data.chunks_exact_mut(ow * nc);
     for y in 0..oh {
         for (ci, line) in lines.iter_mut().enumerate() {
             let c = f.comps[ci];
@@ -964,10 +1015,12 @@ fn render_scaled(f: &Frame) -> Option<DcImage> {
             let cw = (f.width * c.h * n).div_ceil(f.hmax * 8);
             let ch = (f.height * c.v * n).div_ceil(f.vmax * 8);
             let ratio = (f.hmax / c.h, f.vmax / c.v);
-            upsample_row(f.planes.get(ci)?, c.bw * n, (cw, ch), ratio, y, line)?;
+            let bufs = (&mut t, &mut wide);
+            upsample_row(f.planes.get(ci)?, c.bw * n, (cw, ch), ratio, y, bufs, line)?;
         }
+        let row = rows.next()?;
         if nc == 1 {
-            data.extend_from_slice(&lines[0]);
+            row.copy_from_slice(&lines[0]);
             continue;
         }
         const R: i32 = fix20(1.402);
@@ -975,10 +1028,13 @@ fn render_scaled(f: &Frame) -> Option<DcImage> {
         const GR: i32 = fix20(0.71414);
         const B: i32 = fix20(1.772);
         let px = |v: i32| (v >> 20).clamp(0, 255) as u8;
-        for ((&yy, &cb), &cr) in lines[0].iter().zip(&lines[1]).zip(&lines[2]) {
+        let ycc = lines[0].iter().zip(&lines[1]).zip(&lines[2]);
+        for (o, ((&yy, &cb), &cr)) in row.chunks_exact_mut(3).zip(ycc) {
             let yy = ((yy as i32) << 20) + (1 << 19);
             let (cb, cr) = (cb as i32 - 128, cr as i32 - 128);
-            data.extend_from_slice(&[px(yy + R * cr), px(yy - GB * cb - GR * cr), px(yy + B * cb)]);
+            o[0] = px(yy + R * cr);
+            o[1] = px(yy - GB * cb - GR * cr);
+            o[2] = px(yy + B * cb);
         }
     }
     Some(DcImage {
@@ -1080,6 +1136,25 @@ mod tests {
                 eprintln!("{name}: 1/{den} vs jpeg-decoder: PSNR {p:.1} dB, max diff {max:?}");
                 assert!(p > 45.0, "{name} 1/{den}: PSNR {p:.1} dB vs jpeg-decoder");
             }
+        }
+    }
+
+    /// Natural (row-major) index of the first 25 zig-zag positions: they cover the top-left
+    /// 4×4 of the block (the first 5 cover the top-left 2×2).
+    const ZIGZAG: [u8; 25] = [
+        0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27,
+    ];
+
+    #[test]
+    fn picks_follow_zigzag() {
+        for (n, picks) in [(2usize, &PICK_2X2[..]), (4, &PICK_4X4[..])] {
+            let want: Vec<(u8, u8)> = ZIGZAG
+                .iter()
+                .enumerate()
+                .filter(|(_, nat)| (**nat as usize / 8) < n && (**nat as usize % 8) < n)
+                .map(|(k, nat)| (k as u8, ((*nat as usize / 8) * n + *nat as usize % 8) as u8))
+                .collect();
+            assert_eq!(picks, &want[..]);
         }
     }
 
