@@ -234,6 +234,22 @@ impl<'a> Bits<'a> {
         None
     }
 
+    /// The next 9 bits, to index a Huffman table's fast look-ups.
+    #[inline(always)]
+    fn peek9(&mut self) -> usize {
+        if self.n < 16 {
+            self.fill();
+        }
+        (self.acc >> 55) as usize
+    }
+
+    /// Drop `s` bits that `peek9` has seen (`s` ≤ 9).
+    #[inline(always)]
+    fn consume(&mut self, s: u32) {
+        self.acc <<= s;
+        self.n -= s;
+    }
+
     /// Byte-align and expect a restart marker; reset to read after it.
     fn restart(&mut self) -> Option<()> {
         if self.overran() {
@@ -624,14 +640,9 @@ struct ScanTables<'a> {
 #[inline]
 fn skip_ac(bits: &mut Bits, ac: &Huffman, mut k: u32) -> Option<()> {
     while k < 64 {
-        if bits.n < 16 {
-            bits.fill();
-        }
-        let e = ac.fast_ac[(bits.acc >> 55) as usize];
+        let e = ac.fast_ac[bits.peek9()];
         if e != 0 {
-            let total = (e & 15) as u32;
-            bits.acc <<= total;
-            bits.n -= total;
+            bits.consume((e & 15) as u32);
             let advance = (e >> 4) as u32;
             if advance == 0 {
                 break;
@@ -697,14 +708,9 @@ fn reduced_block(
     zz[0] = dc;
     let mut k = 1usize;
     while k <= kmax {
-        if bits.n < 16 {
-            bits.fill();
-        }
-        let e = ac.fast_acv[(bits.acc >> 55) as usize];
+        let e = ac.fast_acv[bits.peek9()];
         if e != 0 {
-            let used = (e & 15) as u32;
-            bits.acc <<= used;
-            bits.n -= used;
+            bits.consume((e & 15) as u32);
             k += ((e >> 4) & 15) as usize;
             if let Some(z) = zz.get_mut(k) {
                 *z = e >> 12;
