@@ -2,6 +2,13 @@
 //! block) from the DC coefficients alone. AC coefficients are Huffman-decoded only to be
 //! skipped (sequential files) or not read at all (the AC scans of progressive files).
 //!
+//! Sequential (baseline) files can also be decoded at 1/4 or 1/2 scale ([`decode_scaled`]):
+//! each block keeps only its top-left 2×2 or 4×4 coefficients (the first 5 or 25 in
+//! zig-zag order; the others are skipped as above), dequantized and put through a 2- or
+//! 4-point inverse DCT, the same reduced transform as `jpeg-decoder`'s `scale()`; chroma is
+//! then upsampled with the same triangle filter and converted with the same fixed-point
+//! YCbCr→RGB, so the output equals that decoder's within rounding.
+//!
 //! This parses untrusted bytes, so: every length and index is checked (safe Rust, no
 //! `unsafe`), and anything unusual returns `None` so that the caller falls back to the full
 //! decoder: arithmetic coding, lossless/hierarchical, 12-bit, more than 3 components,
@@ -9,7 +16,7 @@
 //! maximum), non-interleaved sequential scans of a multi-component image, premature ends
 //! of data, a missing end-of-image marker, any Huffman code error.
 
-/// A decoded 1/8-scale image: `channels` is 1 (grey) or 3 (RGB), row-major.
+/// A decoded reduced-scale image: `channels` is 1 (grey) or 3 (RGB), row-major.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DcImage {
     pub width: u32,
@@ -26,6 +33,9 @@ struct Huffman {
     /// For AC tables: next 9 bits → code length + magnitude bits (low 4 bits) and how far
     /// the coefficient index advances (bits 4..9; 0 = end of block); 0 = use the slow path.
     fast_ac: [u16; 512],
+    /// For AC tables: next 9 bits → a whole nonzero coefficient when its code and magnitude
+    /// bits fit: `value << 12 | run << 4 | bits used`; 0 = use the slow path.
+    fast_acv: [i32; 512],
     maxcode: [i32; 18],
     valptr: [i32; 17],
     mincode: [i32; 17],
@@ -41,6 +51,7 @@ impl Huffman {
         let mut h = Huffman {
             fast: [0; 512],
             fast_ac: [0; 512],
+            fast_acv: [0; 512],
             maxcode: [-1; 18],
             valptr: [0; 17],
             mincode: [0; 17],
@@ -83,6 +94,11 @@ impl Huffman {
             let (r, sz) = (rs >> 4, rs & 15);
             if len + sz > 9 {
                 continue;
+            }
+            if sz > 0 {
+                let mag = (i as u32 >> (9 - len - sz)) & ((1 << sz) - 1);
+                let v = extend(mag, sz as u32);
+                h.fast_acv[i] = (v << 12) | ((r as i32) << 4) | (len + sz) as i32;
             }
             let advance = match (r, sz) {
                 (0, 0) => 0,   // end of block
@@ -218,6 +234,22 @@ impl<'a> Bits<'a> {
         None
     }
 
+    /// The next 9 bits, to index a Huffman table's fast look-ups.
+    #[inline(always)]
+    fn peek9(&mut self) -> usize {
+        if self.n < 16 {
+            self.fill();
+        }
+        (self.acc >> 55) as usize
+    }
+
+    /// Drop `s` bits that `peek9` has seen (`s` ≤ 9).
+    #[inline(always)]
+    fn consume(&mut self, s: u32) {
+        self.acc <<= s;
+        self.n -= s;
+    }
+
     /// Byte-align and expect a restart marker; reset to read after it.
     fn restart(&mut self) -> Option<()> {
         if self.overran() {
@@ -270,7 +302,12 @@ struct Frame {
     vmax: usize,
     mcux: usize,
     mcuy: usize,
+    /// Output samples per block side: 1 (DC only), 2 or 4 (reduced IDCT).
+    n: usize,
+    /// DC coefficients per block (when `n` is 1).
     dc: Vec<Vec<i32>>,
+    /// Decoded samples (when `n` is 2 or 4): `bw·n` × `bh·n` per component.
+    planes: Vec<Vec<u8>>,
 }
 
 fn be16(d: &[u8], i: usize) -> Option<usize> {
@@ -303,13 +340,30 @@ pub fn has_adobe_marker(d: &[u8]) -> bool {
 }
 
 /// Decode at 1/8 scale from the DC coefficients, or `None` to fall back.
-/// `max_blocks` bounds the allocation (number of 8×8 blocks over all components).
+/// `max_blocks` bounds the allocation (number of 8×8 blocks over all components, 4 bytes
+/// each).
 pub fn decode(d: &[u8], max_blocks: usize) -> Option<DcImage> {
+    decode_scaled(d, 8, max_blocks)
+}
+
+/// Decode at scale 1/`den` (8: DC only, any sequential or progressive file; 4 or 2:
+/// sequential files only), or `None` to fall back. The image is
+/// ⌈width/den⌉ × ⌈height/den⌉. `max_blocks` bounds the number of 8×8 blocks over all
+/// components; memory is about 4 bytes per block at 1/8, `(8/den)²` bytes per block at 1/4
+/// and 1/2 (plus the output image).
+pub fn decode_scaled(d: &[u8], den: u32, max_blocks: usize) -> Option<DcImage> {
+    let n = match den {
+        8 => 1,
+        4 => 2,
+        2 => 4,
+        _ => return None,
+    };
     if d.get(0..2)? != [0xFF, 0xD8] {
         return None;
     }
     let mut pos = 2usize;
-    let mut qt = [None::<u32>; 4];
+    // Quantization tables in zig-zag order, as stored.
+    let mut qt = [None::<[u16; 64]>; 4];
     let mut dc_tables: [Option<Huffman>; 4] = [None, None, None, None];
     let mut ac_tables: [Option<Huffman>; 4] = [None, None, None, None];
     let mut frame: Option<Frame> = None;
@@ -346,22 +400,23 @@ pub fn decode(d: &[u8], max_blocks: usize) -> Option<DcImage> {
                     if tq > 3 {
                         return None;
                     }
-                    let q0 = match pq {
+                    let mut t = [0u16; 64];
+                    match pq {
                         0 => {
-                            seg.get(i + 1..i + 65)?;
-                            let q = seg[i + 1] as u32;
+                            let v = seg.get(i + 1..i + 65)?;
+                            t.iter_mut().zip(v).for_each(|(t, &v)| *t = v as u16);
                             i += 65;
-                            q
                         }
                         1 => {
-                            seg.get(i + 1..i + 129)?;
-                            let q = be16(seg, i + 1)? as u32;
+                            let v = seg.get(i + 1..i + 129)?;
+                            for (t, v) in t.iter_mut().zip(v.chunks_exact(2)) {
+                                *t = u16::from_be_bytes([v[0], v[1]]);
+                            }
                             i += 129;
-                            q
                         }
                         _ => return None,
-                    };
-                    qt[tq] = Some(q0);
+                    }
+                    qt[tq] = Some(t);
                 }
             }
             0xC4 => {
@@ -385,7 +440,7 @@ pub fn decode(d: &[u8], max_blocks: usize) -> Option<DcImage> {
                 }
             }
             0xC0..=0xC2 => {
-                if frame.is_some() || *seg.first()? != 8 {
+                if frame.is_some() || *seg.first()? != 8 || (m == 0xC2 && n > 1) {
                     return None;
                 }
                 let height = be16(seg, 1)?;
@@ -432,7 +487,13 @@ pub fn decode(d: &[u8], max_blocks: usize) -> Option<DcImage> {
                 if total > max_blocks {
                     return None;
                 }
-                let dc = comps.iter().map(|c| vec![0i32; c.bw * c.bh]).collect();
+                let (dc, planes) = if n == 1 {
+                    let dc = comps.iter().map(|c| vec![0i32; c.bw * c.bh]).collect();
+                    (dc, Vec::new())
+                } else {
+                    let p = comps.iter().map(|c| vec![0u8; c.bw * c.bh * n * n]);
+                    (Vec::new(), p.collect())
+                };
                 frame = Some(Frame {
                     width,
                     height,
@@ -442,7 +503,9 @@ pub fn decode(d: &[u8], max_blocks: usize) -> Option<DcImage> {
                     vmax,
                     mcux,
                     mcuy,
+                    n,
                     dc,
+                    planes,
                 });
             }
             // Lossless, hierarchical, arithmetic coding, DAC: not for this path.
@@ -499,8 +562,22 @@ pub fn decode(d: &[u8], max_blocks: usize) -> Option<DcImage> {
                         .map(|&(_, _, ta)| ac_tables[ta].as_ref())
                         .collect::<Option<_>>()?
                 };
+                // Reduced IDCT: the tables of the scan's components (in scan order).
+                let q: Vec<[u16; 64]> = if f.n > 1 {
+                    scomps
+                        .iter()
+                        .map(|&(ci, _, _)| qt[f.comps[ci].tq])
+                        .collect::<Option<_>>()?
+                } else {
+                    Vec::new()
+                };
                 let mut bits = Bits::new(d, pos);
-                decode_scan(f, &scomps, &dct, &act, ah, al, restart_interval, &mut bits)?;
+                let tables = ScanTables {
+                    dc: &dct,
+                    ac: &act,
+                    q: &q,
+                };
+                decode_scan(f, &scomps, &tables, ah, al, restart_interval, &mut bits)?;
                 if bits.overran() || bits.hit_end {
                     return None;
                 }
@@ -518,13 +595,20 @@ pub fn decode(d: &[u8], max_blocks: usize) -> Option<DcImage> {
     if !seen_dc_scan {
         return None;
     }
-    let q: Vec<u32> = f.comps.iter().map(|c| qt[c.tq]).collect::<Option<_>>()?;
     if f.comps.len() == 3 {
         let ids: Vec<u8> = f.comps.iter().map(|c| c.id).collect();
         if adobe_transform == Some(0) || ids == b"RGB" {
             return None;
         }
     }
+    if f.n > 1 {
+        return render_scaled(&f);
+    }
+    let q: Vec<u32> = f
+        .comps
+        .iter()
+        .map(|c| qt[c.tq].map(|t| t[0] as u32))
+        .collect::<Option<_>>()?;
     Some(render(&f, &q))
 }
 
@@ -543,12 +627,190 @@ fn memchr_ff(s: &[u8]) -> Option<usize> {
     s.iter().position(|&b| b == 0xFF)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The tables a scan uses, in scan-component order.
+struct ScanTables<'a> {
+    dc: &'a [&'a Huffman],
+    /// Empty for progressive scans (their DC scans have no AC data).
+    ac: &'a [&'a Huffman],
+    /// Quantization tables (zig-zag order), for the reduced IDCT only.
+    q: &'a [[u16; 64]],
+}
+
+/// Huffman-decode and skip the AC coefficients of a block from index `k` on.
+#[inline]
+fn skip_ac(bits: &mut Bits, ac: &Huffman, mut k: u32) -> Option<()> {
+    while k < 64 {
+        let e = ac.fast_ac[bits.peek9()];
+        if e != 0 {
+            bits.consume((e & 15) as u32);
+            let advance = (e >> 4) as u32;
+            if advance == 0 {
+                break;
+            }
+            k += advance;
+            continue;
+        }
+        let rs = bits.decode(ac)?;
+        let (r, s) = ((rs >> 4) as u32, (rs & 15) as u32);
+        if s == 0 {
+            if r == 15 {
+                k += 16;
+                continue;
+            }
+            break;
+        }
+        bits.bits(s);
+        k += r + 1;
+    }
+    if k > 64 {
+        return None;
+    }
+    Some(())
+}
+
+/// (zig-zag index, row-major index in the `n`×`n` block) of the coefficients kept: the
+/// top-left 2×2 lies within the first 5 zig-zag positions, the top-left 4×4 within the
+/// first 25 (checked against the zig-zag order by a test).
+const PICK_2X2: [(u8, u8); 4] = [(0, 0), (1, 1), (2, 2), (4, 3)];
+const PICK_4X4: [(u8, u8); 16] = [
+    (0, 0),
+    (1, 1),
+    (2, 4),
+    (3, 8),
+    (4, 5),
+    (5, 2),
+    (6, 3),
+    (7, 6),
+    (8, 9),
+    (9, 12),
+    (11, 13),
+    (12, 10),
+    (13, 7),
+    (17, 11),
+    (18, 14),
+    (24, 15),
+];
+
+/// Decode a sequential block's AC coefficients keeping the top-left `n`×`n` (`n` 2 or 4),
+/// and write its `n`×`n` samples through the reduced IDCT into `out` (row stride `stride`).
+#[inline]
+fn reduced_block(
+    bits: &mut Bits,
+    ac: &Huffman,
+    dc: i32,
+    q: &[u16; 64],
+    n: usize,
+    out: &mut [u8],
+    stride: usize,
+) -> Option<()> {
+    let kmax = if n == 2 { 4 } else { 24 };
+    let mut zz = [0i32; 25];
+    zz[0] = dc;
+    let mut k = 1usize;
+    while k <= kmax {
+        let e = ac.fast_acv[bits.peek9()];
+        if e != 0 {
+            bits.consume((e & 15) as u32);
+            k += ((e >> 4) & 15) as usize;
+            if let Some(z) = zz.get_mut(k) {
+                *z = e >> 12;
+            }
+            k += 1;
+            continue;
+        }
+        let rs = bits.decode(ac)?;
+        let (r, s) = ((rs >> 4) as usize, (rs & 15) as u32);
+        if s == 0 {
+            if r == 15 {
+                k += 16;
+                continue;
+            }
+            k = 64; // end of block
+            break;
+        }
+        k += r;
+        let v = extend(bits.bits(s), s);
+        if let Some(z) = zz.get_mut(k) {
+            *z = v;
+        }
+        k += 1;
+    }
+    skip_ac(bits, ac, u32::try_from(k).ok()?)?;
+    // Dequantize into natural order (row = vertical frequency). Real coefficients of 8-bit
+    // samples are within ±2048 (plus half a quantization step); clamping keeps the integer
+    // arithmetic below in range for any input.
+    let mut c = [0i64; 16];
+    let picks: &[(u8, u8)] = if n == 2 { &PICK_2X2 } else { &PICK_4X4 };
+    for &(k, i) in picks {
+        let (k, i) = (k as usize, i as usize);
+        c[i] = (zz[k] as i64 * q[k] as i64).clamp(-32768, 32767);
+    }
+    if n == 2 {
+        idct_2x2(&c, out, stride)
+    } else {
+        idct_4x4(&c, out, stride)
+    }
+}
+
+fn put(out: &mut [u8], i: usize, v: i64) -> Option<()> {
+    *out.get_mut(i)? = v.clamp(0, 255) as u8;
+    Some(())
+}
+
+/// The reduced inverse DCT keeps the 8-point transform's weights (so that the DC term gives
+/// the block mean): with `k₀ = 1`, `kᵤ = √2` otherwise,
+/// `s(x, y) = 128 + 1/8 · Σ_{u,v<n} k_u k_v F(v, u) cos((2x+1)uπ/2n) cos((2y+1)vπ/2n)`,
+/// which for `n = 2` is plain sums and differences (`√2 cos(π/4) = 1`).
+fn idct_2x2(c: &[i64; 16], out: &mut [u8], stride: usize) -> Option<()> {
+    let (top, bottom) = (c[0] + c[2], c[0] - c[2]);
+    let (top1, bottom1) = (c[1] + c[3], c[1] - c[3]);
+    let f = |v: i64| (v + 4 + (128 << 3)) >> 3;
+    put(out, 0, f(top + top1))?;
+    put(out, 1, f(top - top1))?;
+    put(out, stride, f(bottom + bottom1))?;
+    put(out, stride + 1, f(bottom - bottom1))
+}
+
+/// 4-point version of [`idct_2x2`]'s transform, fixed point with 12 fraction bits per pass:
+/// even part `s₀ ± s₂` (`√2 cos(π/4) = 1`), odd part `√2 cos(π/8)`, `√2 cos(3π/8)`.
+fn idct_4x4(c: &[i64; 16], out: &mut [u8], stride: usize) -> Option<()> {
+    const BITS: u32 = 12;
+    const A: i64 = 5352; // √2·cos(π/8)·4096
+    const B: i64 = 2217; // √2·cos(3π/8)·4096
+    #[inline]
+    fn idct4(s: [i64; 4]) -> [i64; 4] {
+        let e0 = (s[0] + s[2]) << BITS;
+        let e1 = (s[0] - s[2]) << BITS;
+        let o0 = A * s[1] + B * s[3];
+        let o1 = B * s[1] - A * s[3];
+        [e0 + o0, e1 + o1, e1 - o1, e0 - o0]
+    }
+    // Columns (over v), then rows (over u); |values| < 2^15·4·2^13 after the first pass.
+    let mut t = [0i64; 16];
+    for u in 0..4 {
+        let col = idct4([c[u], c[4 + u], c[8 + u], c[12 + u]]);
+        for (y, v) in col.into_iter().enumerate() {
+            t[y * 4 + u] = v;
+        }
+    }
+    const SHIFT: u32 = 2 * BITS + 3;
+    for y in 0..4 {
+        let row = idct4([t[y * 4], t[y * 4 + 1], t[y * 4 + 2], t[y * 4 + 3]]);
+        for (x, v) in row.into_iter().enumerate() {
+            put(
+                out,
+                y * stride + x,
+                (v + (1 << (SHIFT - 1)) + (128 << SHIFT)) >> SHIFT,
+            )?;
+        }
+    }
+    Some(())
+}
+
 fn decode_scan(
     f: &mut Frame,
     scomps: &[(usize, usize, usize)],
-    dct: &[&Huffman],
-    act: &[&Huffman],
+    tables: &ScanTables,
     ah: u32,
     al: u32,
     restart_interval: usize,
@@ -556,56 +818,39 @@ fn decode_scan(
 ) -> Option<()> {
     let mut pred = [0i32; MAX_COMPONENTS];
     let progressive = f.progressive;
-    let block = |bits: &mut Bits, si: usize, idx: usize, dc: &mut [i32], pred: &mut [i32]| {
-        if ah == 0 {
-            let s = bits.decode(dct[si])? as u32;
-            if s > 11 {
-                return None;
-            }
-            let diff = extend(bits.bits(s), s);
-            pred[si] = pred[si].wrapping_add(diff);
-            *dc.get_mut(idx)? = pred[si].wrapping_shl(al);
-        } else if bits.bits(1) == 1 {
-            *dc.get_mut(idx)? |= 1 << al;
-        }
-        if !progressive {
-            // Skip the AC coefficients.
-            let ac = act[si];
-            let mut k = 1;
-            while k < 64 {
-                if bits.n < 16 {
-                    bits.fill();
+    let n = f.n;
+    let comps = f.comps.clone();
+    let dcs = &mut f.dc;
+    let planes = &mut f.planes;
+    let mut block =
+        |bits: &mut Bits, si: usize, ci: usize, bx: usize, by: usize, pred: &mut [i32]| {
+            let c = comps.get(ci)?;
+            if ah == 0 {
+                let s = bits.decode(tables.dc[si])? as u32;
+                if s > 11 {
+                    return None;
                 }
-                let e = ac.fast_ac[(bits.acc >> 55) as usize];
-                if e != 0 {
-                    let total = (e & 15) as u32;
-                    bits.acc <<= total;
-                    bits.n -= total;
-                    let advance = (e >> 4) as u32;
-                    if advance == 0 {
-                        break;
-                    }
-                    k += advance;
-                    continue;
-                }
-                let rs = bits.decode(ac)?;
-                let (r, s) = ((rs >> 4) as u32, (rs & 15) as u32);
-                if s == 0 {
-                    if r == 15 {
-                        k += 16;
-                        continue;
-                    }
-                    break;
-                }
-                bits.bits(s);
-                k += r + 1;
+                let diff = extend(bits.bits(s), s);
+                pred[si] = pred[si].wrapping_add(diff);
             }
-            if k > 64 {
-                return None;
+            if n > 1 {
+                // Sequential only (checked at the frame header).
+                let stride = c.bw * n;
+                let out = planes.get_mut(ci)?.get_mut(by * n * stride + bx * n..)?;
+                let q = tables.q.get(si)?;
+                return reduced_block(bits, tables.ac[si], pred[si], q, n, out, stride);
             }
-        }
-        Some(())
-    };
+            let dc = dcs.get_mut(ci)?.get_mut(by * c.bw + bx)?;
+            if ah == 0 {
+                *dc = pred[si].wrapping_shl(al);
+            } else if bits.bits(1) == 1 {
+                *dc |= 1 << al;
+            }
+            if !progressive {
+                skip_ac(bits, tables.ac[si], 1)?;
+            }
+            Some(())
+        };
     let mut done = 0usize;
     let check_restart = |bits: &mut Bits, done: &mut usize, total: usize, pred: &mut [i32]| {
         *done += 1;
@@ -617,12 +862,11 @@ fn decode_scan(
     };
     if scomps.len() == 1 {
         let (ci, _, _) = scomps[0];
-        let c = f.comps[ci];
+        let c = comps[ci];
         let total = c.bw_real * c.bh_real;
-        let dc = &mut f.dc[ci];
         for by in 0..c.bh_real {
             for bx in 0..c.bw_real {
-                block(bits, 0, by * c.bw + bx, dc, &mut pred)?;
+                block(bits, 0, ci, bx, by, &mut pred)?;
                 check_restart(bits, &mut done, total, &mut pred)?;
             }
         }
@@ -631,12 +875,10 @@ fn decode_scan(
         for my in 0..f.mcuy {
             for mx in 0..f.mcux {
                 for (si, &(ci, _, _)) in scomps.iter().enumerate() {
-                    let c = f.comps[ci];
-                    let dc = &mut f.dc[ci];
+                    let c = comps[ci];
                     for v in 0..c.v {
                         for h in 0..c.h {
-                            let idx = (my * c.v + v) * c.bw + mx * c.h + h;
-                            block(bits, si, idx, dc, &mut pred)?;
+                            block(bits, si, ci, mx * c.h + h, my * c.v + v, &mut pred)?;
                         }
                     }
                 }
@@ -709,6 +951,106 @@ fn render(f: &Frame, q: &[u32]) -> DcImage {
     }
 }
 
+/// One output row of a component at the image's full (reduced) resolution: rows and
+/// columns subsampled by 2 are upsampled with the triangle ("fancy") filter, ¾ of the
+/// nearest sample and ¼ of the next nearest, edges repeated, in fixed point exactly as
+/// `jpeg-decoder` and libjpeg do.
+fn upsample_row(
+    plane: &[u8],
+    stride: usize,
+    (cw, ch): (usize, usize),
+    (rx, ry): (usize, usize),
+    y: usize,
+    (t, wide): (&mut Vec<u32>, &mut Vec<u8>),
+    out: &mut [u8],
+) -> Option<()> {
+    let near = (y / ry).min(ch - 1);
+    let far = match (ry, y % 2) {
+        (1, _) => near,
+        (_, 0) => near.saturating_sub(1),
+        _ => (near + 1).min(ch - 1),
+    };
+    let near = plane.get(near * stride..near * stride + cw)?;
+    let far = plane.get(far * stride..far * stride + cw)?;
+    if rx == 1 && ry == 1 {
+        out.copy_from_slice(near.get(..out.len())?);
+        return Some(());
+    }
+    // Vertical pass, ×4.
+    t.clear();
+    t.extend(near.iter().zip(far).map(|(&n, &f)| 3 * n as u32 + f as u32));
+    if rx == 1 {
+        let len = out.len();
+        for (o, &v) in out.iter_mut().zip(t.get(..len)?) {
+            *o = ((v + 2) >> 2) as u8;
+        }
+        return Some(());
+    }
+    // Horizontal: output 2i takes ¾ of t[i] and ¼ of t[i-1], 2i+1 ¾ of t[i] and ¼ of t[i+1].
+    wide.clear();
+    wide.resize(2 * cw, 0);
+    let edge = |v: u32| ((v + 2) >> 2) as u8;
+    wide[0] = edge(t[0]);
+    wide[2 * cw - 1] = edge(t[cw - 1]);
+    for (o, p) in wide[1..2 * cw - 1].chunks_exact_mut(2).zip(t.windows(2)) {
+        o[0] = ((3 * p[0] + p[1] + 8) >> 4) as u8;
+        o[1] = ((3 * p[1] + p[0] + 8) >> 4) as u8;
+    }
+    out.copy_from_slice(wide.get(..out.len())?);
+    Some(())
+}
+
+/// `x` in 20-bit fixed point, as `jpeg-decoder`'s colour conversion rounds it.
+const fn fix20(x: f64) -> i32 {
+    (x * 1048576.0 + 0.5) as i32
+}
+
+fn render_scaled(f: &Frame) -> Option<DcImage> {
+    let n = f.n;
+    let ow = (f.width * n).div_ceil(8);
+    let oh = (f.height * n).div_ceil(8);
+    let nc = f.comps.len();
+    let mut lines = vec![vec![0u8; ow]; nc];
+    let (mut t, mut wide) = (Vec::new(), Vec::new());
+    let mut data = vec![0u8; ow * oh * nc];
+    let mut rows = data.chunks_exact_mut(ow * nc);
+    for y in 0..oh {
+        for (ci, line) in lines.iter_mut().enumerate() {
+            let c = f.comps[ci];
+            // This component's size at the reduced scale, as `jpeg-decoder` counts it.
+            let cw = (f.width * c.h * n).div_ceil(f.hmax * 8);
+            let ch = (f.height * c.v * n).div_ceil(f.vmax * 8);
+            let ratio = (f.hmax / c.h, f.vmax / c.v);
+            let bufs = (&mut t, &mut wide);
+            upsample_row(f.planes.get(ci)?, c.bw * n, (cw, ch), ratio, y, bufs, line)?;
+        }
+        let row = rows.next()?;
+        if nc == 1 {
+            row.copy_from_slice(&lines[0]);
+            continue;
+        }
+        const R: i32 = fix20(1.402);
+        const GB: i32 = fix20(0.34414);
+        const GR: i32 = fix20(0.71414);
+        const B: i32 = fix20(1.772);
+        let px = |v: i32| (v >> 20).clamp(0, 255) as u8;
+        let ycc = lines[0].iter().zip(&lines[1]).zip(&lines[2]);
+        for (o, ((&yy, &cb), &cr)) in row.chunks_exact_mut(3).zip(ycc) {
+            let yy = ((yy as i32) << 20) + (1 << 19);
+            let (cb, cr) = (cb as i32 - 128, cr as i32 - 128);
+            o[0] = px(yy + R * cr);
+            o[1] = px(yy - GB * cb - GR * cr);
+            o[2] = px(yy + B * cb);
+        }
+    }
+    Some(DcImage {
+        width: ow as u32,
+        height: oh as u32,
+        channels: nc as u8,
+        data,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -722,10 +1064,16 @@ mod tests {
     }
 
     fn reference(data: &[u8]) -> (u32, u32, Vec<u8>, usize) {
+        reference_scaled(data, 8)
+    }
+
+    fn reference_scaled(data: &[u8], den: u16) -> (u32, u32, Vec<u8>, usize) {
         let mut d = jpeg_decoder::Decoder::new(data);
         d.read_info().unwrap();
         let i = d.info().unwrap();
-        let (w, h) = d.scale(i.width.div_ceil(8), i.height.div_ceil(8)).unwrap();
+        let (w, h) = d
+            .scale(i.width.div_ceil(den), i.height.div_ceil(den))
+            .unwrap();
         let px = d.decode().unwrap();
         let ch = px.len() / (w as usize * h as usize);
         (w as u32, h as u32, px, ch)
@@ -761,6 +1109,109 @@ mod tests {
             let p = psnr(&dc.data, &px);
             eprintln!("{name}: DC-only vs jpeg-decoder 1/8: PSNR {p:.1} dB");
             assert!(p > 30.0, "{name}: PSNR {p:.1} dB vs jpeg-decoder 1/8");
+        }
+    }
+
+    #[test]
+    fn reduced_idct_matches_scaled_full_decode() {
+        // Baseline 4:2:0 (also with restart markers and partial MCUs), 4:4:4, 4:2:2 and
+        // grey, at 1/4 and 1/2: the same transform, upsampling and colour conversion as
+        // jpeg-decoder's scale(), so equal within rounding.
+        for name in [
+            "photo.jpg",
+            "restart.jpg",
+            "photo-444.jpg",
+            "photo-422.jpg",
+            "gray.jpg",
+            "orient-1.jpg",
+            "orient-6.jpg",
+            "adobergb.jpg",
+        ] {
+            let data = fixture(name);
+            for den in [4u16, 2] {
+                let img = decode_scaled(&data, den as u32, usize::MAX)
+                    .unwrap_or_else(|| panic!("{name} 1/{den}: fell back"));
+                let (w, h, px, ch) = reference_scaled(&data, den);
+                assert_eq!(
+                    (img.width, img.height, img.channels as usize),
+                    (w, h, ch),
+                    "{name} 1/{den}"
+                );
+                let p = psnr(&img.data, &px);
+                let max = img.data.iter().zip(&px).map(|(a, b)| a.abs_diff(*b)).max();
+                eprintln!("{name}: 1/{den} vs jpeg-decoder: PSNR {p:.1} dB, max diff {max:?}");
+                assert!(p > 45.0, "{name} 1/{den}: PSNR {p:.1} dB vs jpeg-decoder");
+            }
+        }
+    }
+
+    /// Natural (row-major) index of the first 25 zig-zag positions: they cover the top-left
+    /// 4×4 of the block (the first 5 cover the top-left 2×2).
+    const ZIGZAG: [u8; 25] = [
+        0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27,
+    ];
+
+    #[test]
+    fn picks_follow_zigzag() {
+        for (n, picks) in [(2usize, &PICK_2X2[..]), (4, &PICK_4X4[..])] {
+            let want: Vec<(u8, u8)> = ZIGZAG
+                .iter()
+                .enumerate()
+                .filter(|(_, nat)| (**nat as usize / 8) < n && (**nat as usize % 8) < n)
+                .map(|(k, nat)| (k as u8, ((*nat as usize / 8) * n + *nat as usize % 8) as u8))
+                .collect();
+            assert_eq!(picks, &want[..]);
+        }
+    }
+
+    #[test]
+    fn reduced_idct_only_for_baseline() {
+        for name in ["progressive.jpg", "restart-progressive.jpg", "cmyk.jpg"] {
+            let data = fixture(name);
+            for den in [4, 2] {
+                assert!(decode_scaled(&data, den, usize::MAX).is_none(), "{name}");
+            }
+        }
+        let data = fixture("photo.jpg");
+        assert!(decode_scaled(&data, 3, usize::MAX).is_none());
+        assert!(decode_scaled(&data, 1, usize::MAX).is_none());
+        assert!(decode_scaled(&data, 2, 10).is_none());
+        assert_eq!(
+            decode_scaled(&data, 8, usize::MAX),
+            decode(&data, usize::MAX)
+        );
+    }
+
+    #[test]
+    fn reduced_idct_broken_input_falls_back() {
+        for den in [4, 2] {
+            assert!(decode_scaled(&fixture("truncated.jpg"), den, usize::MAX).is_none());
+            let _ = decode_scaled(&fixture("corrupt.jpg"), den, usize::MAX);
+            for name in ["photo-444.jpg", "restart.jpg"] {
+                let data = fixture(name);
+                for cut in (0..data.len()).step_by(401) {
+                    assert!(decode_scaled(&data[..cut], den, usize::MAX).is_none());
+                }
+                // Flipped bytes in the header and the entropy-coded data: no panic, and a
+                // decoded image always has the right size.
+                let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+                for _ in 0..100 {
+                    let mut d = data.clone();
+                    for _ in 0..3 {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        let i = (rng % d.len() as u64) as usize;
+                        d[i] ^= (rng >> 32) as u8 | 1;
+                    }
+                    if let Some(img) = decode_scaled(&d, den, 1 << 22) {
+                        assert_eq!(
+                            img.data.len(),
+                            img.width as usize * img.height as usize * img.channels as usize
+                        );
+                    }
+                }
+            }
         }
     }
 

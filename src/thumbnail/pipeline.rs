@@ -303,12 +303,16 @@ fn decode_jpeg(input: &[u8], p: &Probe, specs: &[&Spec], cfg: &Config) -> Result
         .map(|s| jpeg_shrink(&plan(p.width, p.height, swaps(orientation), s)))
         .min()
         .unwrap_or(1);
-    if den == 8 {
-        // Exact 1/8 scale from the DC coefficients only; falls back on anything unusual.
-        let max_blocks = usize::try_from(cfg.max_alloc_bytes / 4).unwrap_or(usize::MAX);
-        if let Some(dc) = super::jpeg_dc::decode(input, max_blocks)
-            && dc.width == p.width.div_ceil(8)
-            && dc.height == p.height.div_ceil(8)
+    if den > 1 {
+        // Our own decoder: exact 1/8 scale from the DC coefficients only (any sequential or
+        // progressive file), or 1/4 and 1/2 through a reduced IDCT of the low coefficients
+        // (sequential files); falls back to jpeg-decoder on anything unusual.
+        let bytes_per_block = u64::from((8 / den) * (8 / den)).max(4);
+        let max_blocks =
+            usize::try_from(cfg.max_alloc_bytes / bytes_per_block).unwrap_or(usize::MAX);
+        if let Some(dc) = super::jpeg_dc::decode_scaled(input, den, max_blocks)
+            && dc.width == p.width.div_ceil(den)
+            && dc.height == p.height.div_ceil(den)
         {
             let image = if dc.channels == 1 {
                 image::GrayImage::from_raw(dc.width, dc.height, dc.data)
@@ -321,7 +325,7 @@ fn decode_jpeg(input: &[u8], p: &Probe, specs: &[&Spec], cfg: &Config) -> Result
                     image,
                     icc: d.icc_profile(),
                     orientation,
-                    shrink: 8.0,
+                    shrink: den as f64,
                     cmyk: false,
                 });
             }
