@@ -5,6 +5,17 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 
+/// Waits (at most `secs`) until a log line of `component` contains `needle`.
+async fn wait_for_log(svc: &Service, component: &str, needle: &str, secs: u64, what: &str) {
+    eventually(secs, what, async || {
+        lines_of(svc, component)
+            .iter()
+            .any(|l| l.contains(needle))
+            .then_some(())
+    })
+    .await;
+}
+
 /// Log lines of one component, without the harness's `[name] ` tag.
 fn lines_of(svc: &Service, component: &str) -> Vec<String> {
     let tag = format!("[{component}] ");
@@ -112,21 +123,16 @@ async fn sighup_is_logged_and_ignored() {
     let origin = start_origin().await;
     let rx = start_receiver().await;
     let mut svc = Service::start(json!({})).await;
-    eventually(10, "the processor to start", async || {
-        lines_of(&svc, "processor")
-            .iter()
-            .any(|l| l.contains("processor started"))
-            .then_some(())
-    })
+    wait_for_log(
+        &svc,
+        "processor",
+        "processor started",
+        10,
+        "the processor to start",
+    )
     .await;
     svc.signal("processor", 1);
-    eventually(10, "SIGHUP to be logged", async || {
-        lines_of(&svc, "processor")
-            .iter()
-            .any(|l| l.contains("SIGHUP"))
-            .then_some(())
-    })
-    .await;
+    wait_for_log(&svc, "processor", "SIGHUP", 10, "SIGHUP to be logged").await;
     assert!(svc.alive("processor"));
     origin.add_file("f", b"x".to_vec());
     let id = svc
@@ -274,20 +280,15 @@ async fn shutdown_answers_a_connection_accepted_before_its_request() {
     // that follows must still be answered, not dropped with the connection.
     let mut s = tokio::net::TcpStream::connect(svc.web_addr).await.unwrap();
     let accepted = format!("connection accepted peer={}", s.local_addr().unwrap());
-    eventually(10, "web to accept the connection", async || {
-        lines_of(&svc, "web")
-            .iter()
-            .any(|l| l.contains(&accepted))
-            .then_some(())
-    })
-    .await;
+    wait_for_log(&svc, "web", &accepted, 10, "web to accept the connection").await;
     svc.signal("web", 15);
-    eventually(10, "web to start draining", async || {
-        lines_of(&svc, "web")
-            .iter()
-            .any(|l| l.contains("draining open connections"))
-            .then_some(())
-    })
+    wait_for_log(
+        &svc,
+        "web",
+        "draining open connections",
+        10,
+        "web to start draining",
+    )
     .await;
     s.write_all(b"GET /hb HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -424,12 +425,13 @@ async fn a_full_disk_stops_claims_until_it_is_below_the_low_watermark() {
     let mut svc = Service::start(extra).await;
     let metrics = format!("{processor}/metrics");
     wait_metric(&metrics, "downloader_claims_paused", |v| v == 1.0).await;
-    eventually(10, "the pause to be logged", async || {
-        lines_of(&svc, "processor")
-            .iter()
-            .any(|l| l.contains("above the high watermark: claiming no new downloads"))
-            .then_some(())
-    })
+    wait_for_log(
+        &svc,
+        "processor",
+        "above the high watermark: claiming no new downloads",
+        10,
+        "the pause to be logged",
+    )
     .await;
 
     origin.add_file("f", b"x".to_vec());
@@ -720,13 +722,7 @@ async fn a_silent_pooled_connection_does_not_hold_shutdown() {
     // A client pool opened it ahead of need and never sent a byte.
     let s = tokio::net::TcpStream::connect(svc.web_addr).await.unwrap();
     let accepted = format!("connection accepted peer={}", s.local_addr().unwrap());
-    eventually(10, "web to accept the connection", async || {
-        lines_of(&svc, "web")
-            .iter()
-            .any(|l| l.contains(&accepted))
-            .then_some(())
-    })
-    .await;
+    wait_for_log(&svc, "web", &accepted, 10, "web to accept the connection").await;
     let t = std::time::Instant::now();
     assert!(svc.sigterm("web").success());
     // Not the 30 s header timeout: a second after its accept it is closed.
