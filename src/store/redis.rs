@@ -42,8 +42,8 @@ end
 -- in `aggrs` iff it has pending jobs.
 local function refresh(a)
   local ak = P..'aggr:'..a
-  local limit = tonumber(redis.call('HGET', ak, 'limit') or '1')
-  local inflight = tonumber(redis.call('HGET', ak, 'inflight') or '0')
+  local f = redis.call('HMGET', ak, 'limit', 'inflight')
+  local limit, inflight = tonumber(f[1] or '1'), tonumber(f[2] or '0')
   local len = redis.call('LLEN', P..'pending:'..a)
   if len > 0 then redis.call('SADD', P..'aggrs', a) else redis.call('SREM', P..'aggrs', a) end
   if len > 0 and inflight < limit and not redis.call('ZSCORE', P..'ratewait', a) then
@@ -186,6 +186,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P..'dl:leases', '-inf', now, 'LI
     refresh(a)
   end
 end
+local any_pause = redis.call('EXISTS', P..'hostpauses') == 1
 local out = {}
 local tries = 0
 while #out < max and tries < max + 16 do
@@ -212,8 +213,8 @@ while #out < max and tries < max + 16 do
     end
   end
   -- A job whose host an origin paused waits out the pause in `dl:delayed` (not an
-  -- attempt) instead of being handed out.
-  local paused = id and redis.call('PTTL', P..'hostpause:'..(redis.call('HGET', P..'job:'..id, 'url_host') or ''))
+  -- attempt) instead of being handed out. (Looked up only while some host is paused.)
+  local paused = id and any_pause and redis.call('PTTL', P..'hostpause:'..(redis.call('HGET', P..'job:'..id, 'url_host') or ''))
   if paused and paused > 0 then
     local at = n2s(now + paused)
     redis.call('HSET', P..'job:'..id, 'dl_state', 'Pending', 'wait', 'host_paused', 'next_at', at)
@@ -450,6 +451,8 @@ static PAUSE_HOST: LazyLock<Script> = LazyLock::new(|| {
         r#"
 local key, ms = P..'hostpause:'..ARGV[1], tonumber(ARGV[2])
 if redis.call('PTTL', key) < ms then redis.call('SET', key, '1', 'PX', ms) end
+-- Present while any host is paused: claims look up jobs' hosts only then.
+if redis.call('PTTL', P..'hostpauses') < ms then redis.call('SET', P..'hostpauses', '1', 'PX', ms) end
 return 1
 "#,
     )
