@@ -92,7 +92,7 @@ impl Processor {
         let _ = tokio::time::timeout(first_check, gate.changed()).await;
         let wc = WorkerConfig {
             queue: Queue::Download,
-            lease: Duration::from_secs(cfg.processor.lease_secs),
+            lease: self.lease,
             max_in_flight: cfg.processor.max_concurrent_downloads,
             grace: Duration::from_secs(cfg.processor.shutdown_grace_secs),
             may_claim: Some(gate),
@@ -343,7 +343,9 @@ impl Processor {
             Ok(HostPermit::Lost) => return false,
             Ok(HostPermit::Wait { delay, reason }) => (delay, reason),
             Err(e) => {
-                // Going ahead could break a host's limits; ask again shortly.
+                // Going ahead could break a host's limits. Ask again after the park
+                // fallback (a release would be claimed again at once and could spin on
+                // a lasting error); the job shows it waits for its host.
                 tracing::warn!(error = %e, "cannot check the host's limits; deferring");
                 (
                     crate::store::HOST_PARK_FALLBACK,
