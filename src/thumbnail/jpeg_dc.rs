@@ -27,19 +27,34 @@ pub struct DcImage {
 
 const MAX_COMPONENTS: usize = 3;
 
+/// Bits looked at by the Huffman tables' fast look-ups. 12 covers nearly every symbol
+/// of real files together with its magnitude bits (codes of 2–8 bits, magnitudes of
+/// 1–4); the tables a scan uses stay within L1/L2.
+const FAST_BITS: u32 = 12;
+const FAST_SIZE: usize = 1 << FAST_BITS;
+
 struct Huffman {
-    /// Fast table indexed by the next 9 bits: (len << 8) | value, 0 = not in table.
-    fast: [u16; 512],
-    /// For AC tables: next 9 bits → code length + magnitude bits (low 4 bits) and how far
-    /// the coefficient index advances (bits 4..9; 0 = end of block); 0 = use the slow path.
-    fast_ac: [u16; 512],
-    /// For AC tables: next 9 bits → a whole nonzero coefficient when its code and magnitude
-    /// bits fit: `value << 12 | run << 4 | bits used`; 0 = use the slow path.
-    fast_acv: [i32; 512],
     maxcode: [i32; 18],
     valptr: [i32; 17],
     mincode: [i32; 17],
     vals: Vec<u8>,
+    /// The look-ups below, built for the tables a scan uses ([`Huffman::prepare`]).
+    fast: Option<Box<Fast>>,
+}
+
+/// Look-up tables indexed by the next [`FAST_BITS`] bits of the stream; 0 = not covered
+/// (a longer code or magnitude), take the slow path.
+struct Fast {
+    /// One symbol: `code length << 8 | symbol`.
+    sym: Vec<u16>,
+    /// One whole coefficient, code and magnitude bits: `value << 12 | run << 4 | bits`.
+    /// DC tables: the difference (run 0; 0 is a valid value). AC tables: nonzero
+    /// coefficients only (not end-of-block or sixteen zeros).
+    val: Vec<i32>,
+    /// AC tables: as many whole symbols as fit, to skip them: `bits | advance << 4 |
+    /// end_of_block << 11`, where `advance` is how far the coefficient index moves (it
+    /// stops at the first end-of-block, and once the block is full).
+    skip: Vec<u16>,
 }
 
 impl Huffman {
@@ -49,13 +64,11 @@ impl Huffman {
             return None;
         }
         let mut h = Huffman {
-            fast: [0; 512],
-            fast_ac: [0; 512],
-            fast_acv: [0; 512],
             maxcode: [-1; 18],
             valptr: [0; 17],
             mincode: [0; 17],
             vals: vals.to_vec(),
+            fast: None,
         };
         let mut code: u32 = 0;
         let mut k = 0usize;
@@ -64,134 +77,168 @@ impl Huffman {
             if n > 0 {
                 h.valptr[len] = k as i32;
                 h.mincode[len] = code as i32;
-                for _ in 0..n {
-                    if code >= (1u32 << len) {
-                        return None;
-                    }
-                    if len <= 9 {
-                        let shift = 9 - len;
-                        let start = (code << shift) as usize;
-                        let end = ((code + 1) << shift) as usize;
-                        for e in &mut h.fast[start..end] {
-                            *e = ((len as u16) << 8) | vals[k] as u16;
-                        }
-                    }
-                    code += 1;
-                    k += 1;
+                code += n as u32;
+                if code > (1u32 << len) {
+                    return None;
                 }
+                k += n;
                 h.maxcode[len] = code as i32 - 1;
             }
             code <<= 1;
         }
         h.maxcode[17] = i32::MAX;
-        for i in 0..512 {
-            let f = h.fast[i];
+        Some(h)
+    }
+
+    /// Build the fast look-ups (once; a progressive file defines many tables it never
+    /// uses here). `ac` says how the symbols are to be read: run/size or DC size.
+    fn prepare(&mut self, ac: bool) {
+        if self.fast.is_some() {
+            return;
+        }
+        let mut sym = vec![0u16; FAST_SIZE];
+        for len in 1..=FAST_BITS as usize {
+            if self.maxcode[len] < 0 {
+                continue;
+            }
+            for code in self.mincode[len]..=self.maxcode[len] {
+                let v = self.vals[(self.valptr[len] + code - self.mincode[len]) as usize];
+                let shift = FAST_BITS as usize - len;
+                let start = (code as usize) << shift;
+                let end = (code as usize + 1) << shift;
+                for e in &mut sym[start..end] {
+                    *e = ((len as u16) << 8) | v as u16;
+                }
+            }
+        }
+        let mut val = vec![0i32; FAST_SIZE];
+        let mut skip = vec![0u16; if ac { FAST_SIZE } else { 0 }];
+        for i in 0..FAST_SIZE {
+            let f = sym[i];
             if f == 0 {
                 continue;
             }
-            let len = f >> 8;
-            let rs = f & 0xFF;
-            let (r, sz) = (rs >> 4, rs & 15);
-            if len + sz > 9 {
+            let len = (f >> 8) as u32;
+            let rs = (f & 0xFF) as u32;
+            let (r, sz) = if ac { (rs >> 4, rs & 15) } else { (0, rs) };
+            if len + sz <= FAST_BITS && (sz > 0 || !ac) && sz <= 11 {
+                let mag = (i as u32 >> (FAST_BITS - len - sz)) & ((1 << sz) - 1);
+                val[i] = (extend(mag, sz) << 12) | ((r as i32) << 4) | (len + sz) as i32;
+            }
+            if !ac {
                 continue;
             }
-            if sz > 0 {
-                let mag = (i as u32 >> (9 - len - sz)) & ((1 << sz) - 1);
-                let v = extend(mag, sz as u32);
-                h.fast_acv[i] = (v << 12) | ((r as i32) << 4) | (len + sz) as i32;
-            }
-            let advance = match (r, sz) {
-                (0, 0) => 0,   // end of block
-                (15, 0) => 16, // sixteen zeros
-                (_, 0) => continue,
-                _ => r + 1,
-            };
-            h.fast_ac[i] = (len + sz) | (advance << 4);
-        }
-        Some(h)
-    }
-}
-
-/// Bit reader over entropy-coded data with 0xFF00 unstuffing; stops at a marker and
-/// then feeds zeros, counting them so that reading past the real data can be detected.
-struct Bits<'a> {
-    d: &'a [u8],
-    pos: usize,
-    acc: u64,
-    n: u32,
-    /// Zero bytes fed after a marker or the end of the data.
-    pad: u32,
-    marker: Option<u8>,
-    hit_end: bool,
-}
-
-impl<'a> Bits<'a> {
-    fn new(d: &'a [u8], pos: usize) -> Self {
-        Bits {
-            d,
-            pos,
-            acc: 0,
-            n: 0,
-            pad: 0,
-            marker: None,
-            hit_end: false,
-        }
-    }
-
-    fn fill(&mut self) {
-        // Fast path: the next 8 bytes hold no 0xFF (so no stuffing and no marker): take
-        // as many whole bytes as fit at once.
-        if self.n <= 56
-            && self.marker.is_none()
-            && let Some(chunk) = self.d.get(self.pos..self.pos + 8)
-        {
-            let w = u64::from_be_bytes(chunk.try_into().unwrap_or([0xFF; 8]));
-            let inv = !w;
-            // A zero byte in !w is a 0xFF byte in w.
-            let has_ff = inv.wrapping_sub(0x0101_0101_0101_0101) & !inv & 0x8080_8080_8080_8080;
-            if has_ff == 0 {
-                let k = (64 - self.n) / 8; // 1..=8 bytes
-                self.acc |= (w >> (64 - 8 * k)) << (64 - self.n - 8 * k);
-                self.n += 8 * k;
-                self.pos += k as usize;
-                return;
-            }
-        }
-        while self.n <= 56 {
-            let mut byte = 0u8;
-            if self.marker.is_none() && !self.hit_end {
-                match self.d.get(self.pos) {
-                    None => self.hit_end = true,
-                    Some(&0xFF) => match self.d.get(self.pos + 1) {
-                        Some(&0) => {
-                            byte = 0xFF;
-                            self.pos += 2;
-                        }
-                        Some(&0xFF) => {
-                            // Fill byte before a marker.
-                            self.pos += 1;
-                            continue;
-                        }
-                        Some(&m) => self.marker = Some(m),
-                        None => self.hit_end = true,
-                    },
-                    Some(&b) => {
-                        byte = b;
-                        self.pos += 1;
+            let (mut p, mut advance, mut eob) = (0u32, 0u32, false);
+            while advance < 64 {
+                let f = sym[(i << p) & (FAST_SIZE - 1)];
+                let len = (f >> 8) as u32;
+                let (r, sz) = ((f >> 4) as u32 & 15, f as u32 & 15);
+                // A code that runs past the window was read from the zeros shifted in.
+                if f == 0 || p + len + sz > FAST_BITS {
+                    break;
+                }
+                p += len + sz;
+                match (r, sz) {
+                    (0, 0) => {
+                        eob = true;
+                        break;
                     }
+                    (15, 0) => advance += 16,
+                    // Other runs with size 0 are undefined; read as end-of-block, as
+                    // libjpeg does.
+                    (_, 0) => {
+                        eob = true;
+                        break;
+                    }
+                    _ => advance += r + 1,
                 }
             }
-            if self.marker.is_some() || self.hit_end {
-                self.pad += 1;
+            if p > 0 {
+                skip[i] = (p | advance << 4 | (eob as u32) << 11) as u16;
             }
-            self.acc |= (byte as u64) << (56 - self.n);
-            self.n += 8;
+        }
+        self.fast = Some(Box::new(Fast { sym, val, skip }));
+    }
+
+    fn fast(&self) -> Option<&Fast> {
+        self.fast.as_deref()
+    }
+}
+
+/// Bit reader over one scan's entropy-coded data, unstuffed beforehand ([`Bits::scan`]):
+/// the reads in the Huffman loops are then plain 8-byte loads, with no check for 0xFF
+/// bytes or markers and no call out of the loop.
+struct Bits {
+    /// The scan's data with 0xFF00 unstuffed, each restart interval followed by 8 zero
+    /// bytes (so that a load at any position inside an interval is whole).
+    buf: Vec<u8>,
+    /// Where each restart interval's data ends in `buf`.
+    ends: Vec<usize>,
+    /// The interval being read.
+    seg: usize,
+    /// Next byte of `buf` to load.
+    pos: usize,
+    /// Bits not yet consumed, from the most significant bit on; the bits below `n` are
+    /// loaded again by the next refill.
+    acc: u64,
+    n: u32,
+}
+
+impl Bits {
+    /// Read the entropy-coded data starting at `pos` up to the marker that ends it;
+    /// returns the reader and that marker's position. `None` if the data ends first.
+    fn scan(d: &[u8], mut pos: usize) -> Option<(Bits, usize)> {
+        let mut buf = Vec::new();
+        let mut ends = Vec::new();
+        loop {
+            let rest = d.get(pos..)?;
+            let i = memchr::memchr(0xFF, rest)?;
+            buf.extend_from_slice(&rest[..i]);
+            pos += i;
+            match *d.get(pos + 1)? {
+                0x00 => {
+                    buf.push(0xFF);
+                    pos += 2;
+                }
+                // Fill byte before a marker.
+                0xFF => pos += 1,
+                m => {
+                    ends.push(buf.len());
+                    buf.extend_from_slice(&[0; 8]);
+                    if !(0xD0..=0xD7).contains(&m) {
+                        let bits = Bits {
+                            buf,
+                            ends,
+                            seg: 0,
+                            pos: 0,
+                            acc: 0,
+                            n: 0,
+                        };
+                        return Some((bits, pos));
+                    }
+                    pos += 2;
+                }
+            }
         }
     }
 
-    /// True if bits that were not in the data have been consumed.
+    /// Top up the accumulator to at least 56 bits. Past the end of the data (only corrupt
+    /// data reads that far, and [`Bits::overran`] tells) the bits are zeros.
+    #[inline(always)]
+    fn fill(&mut self) {
+        let w = match self.buf.get(self.pos..self.pos + 8) {
+            Some(c) => u64::from_be_bytes(c.try_into().unwrap_or([0; 8])),
+            None => 0,
+        };
+        self.acc |= w >> self.n;
+        self.pos += ((63 - self.n) >> 3) as usize;
+        self.n |= 56;
+    }
+
+    /// True if bits beyond the current restart interval's data have been consumed.
     fn overran(&self) -> bool {
-        self.pad * 8 > self.n
+        let consumed = (self.pos * 8).saturating_sub(self.n as usize);
+        consumed > self.ends.get(self.seg).map_or(0, |&e| e * 8)
     }
 
     #[inline]
@@ -208,20 +255,21 @@ impl<'a> Bits<'a> {
         v
     }
 
+    /// Decode one symbol, the slow way for codes longer than [`FAST_BITS`].
     #[inline]
     fn decode(&mut self, h: &Huffman) -> Option<u8> {
-        if self.n < 16 {
-            self.fill();
+        let peek = self.peek();
+        let mut first = 1;
+        if let Some(f) = h.fast() {
+            let e = f.sym[peek];
+            if e != 0 {
+                self.consume((e >> 8) as u32);
+                return Some(e as u8);
+            }
+            first = FAST_BITS as usize + 1;
         }
         let peek = (self.acc >> 48) as u32;
-        let f = h.fast[(peek >> 7) as usize];
-        if f != 0 {
-            let len = (f >> 8) as u32;
-            self.acc <<= len;
-            self.n -= len;
-            return Some(f as u8);
-        }
-        for len in 10..=16usize {
+        for len in first..=16usize {
             let code = (peek >> (16 - len)) as i32;
             if code <= h.maxcode[len] {
                 let idx = h.valptr[len] + code - h.mincode[len];
@@ -234,36 +282,32 @@ impl<'a> Bits<'a> {
         None
     }
 
-    /// The next 9 bits, to index a Huffman table's fast look-ups.
+    /// The next [`FAST_BITS`] bits, to index a Huffman table's fast look-ups; makes sure
+    /// at least 16 bits are buffered.
     #[inline(always)]
-    fn peek9(&mut self) -> usize {
+    fn peek(&mut self) -> usize {
         if self.n < 16 {
             self.fill();
         }
-        (self.acc >> 55) as usize
+        (self.acc >> (64 - FAST_BITS)) as usize
     }
 
-    /// Drop `s` bits that `peek9` has seen (`s` ≤ 9).
+    /// Drop `s` bits that `peek` has seen (`s` ≤ 16).
     #[inline(always)]
     fn consume(&mut self, s: u32) {
         self.acc <<= s;
         self.n -= s;
     }
 
-    /// Byte-align and expect a restart marker; reset to read after it.
+    /// Byte-align and go on after the restart marker that must end this interval.
     fn restart(&mut self) -> Option<()> {
-        if self.overran() {
+        if self.overran() || self.seg + 1 >= self.ends.len() {
             return None;
         }
-        match self.marker {
-            Some(0xD0..=0xD7) => {}
-            _ => return None,
-        }
-        self.pos += 2;
+        self.pos = self.ends[self.seg] + 8;
+        self.seg += 1;
         self.acc = 0;
         self.n = 0;
-        self.pad = 0;
-        self.marker = None;
         Some(())
     }
 }
@@ -546,6 +590,14 @@ pub fn decode_scaled(d: &[u8], den: u32, max_blocks: usize) -> Option<DcImage> {
                 } else if ss != 0 || se != 63 || ah != 0 || al != 0 || ns != f.comps.len() {
                     return None;
                 }
+                for &(_, td, ta) in &scomps {
+                    if ah == 0 {
+                        dc_tables[td].as_mut()?.prepare(false);
+                    }
+                    if !f.progressive {
+                        ac_tables[ta].as_mut()?.prepare(true);
+                    }
+                }
                 let dct: Vec<&Huffman> = if ah == 0 {
                     scomps
                         .iter()
@@ -571,21 +623,17 @@ pub fn decode_scaled(d: &[u8], den: u32, max_blocks: usize) -> Option<DcImage> {
                 } else {
                     Vec::new()
                 };
-                let mut bits = Bits::new(d, pos);
+                let (mut bits, end) = Bits::scan(d, pos)?;
                 let tables = ScanTables {
                     dc: &dct,
                     ac: &act,
                     q: &q,
                 };
                 decode_scan(f, &scomps, &tables, ah, al, restart_interval, &mut bits)?;
-                if bits.overran() || bits.hit_end {
+                if bits.overran() {
                     return None;
                 }
-                pos = bits.pos;
-                if bits.marker.is_none() {
-                    // The scan ended exactly at a byte boundary before the marker.
-                    pos = skip_entropy(d, pos)?;
-                }
+                pos = end;
                 seen_dc_scan = true;
             }
             _ => {} // APPn, COM, DNL (unsupported sizes would fail above), …
@@ -615,16 +663,12 @@ pub fn decode_scaled(d: &[u8], den: u32, max_blocks: usize) -> Option<DcImage> {
 /// Find the next marker (not RST, not stuffing) at or after `pos`.
 fn skip_entropy(d: &[u8], mut pos: usize) -> Option<usize> {
     loop {
-        let i = pos + memchr_ff(d.get(pos..)?)?;
+        let i = pos + memchr::memchr(0xFF, d.get(pos..)?)?;
         match *d.get(i + 1)? {
             0x00 | 0xD0..=0xD7 | 0xFF => pos = i + 1,
             _ => return Some(i),
         }
     }
-}
-
-fn memchr_ff(s: &[u8]) -> Option<usize> {
-    s.iter().position(|&b| b == 0xFF)
 }
 
 /// The tables a scan uses, in scan-component order.
@@ -639,13 +683,23 @@ struct ScanTables<'a> {
 /// Huffman-decode and skip the AC coefficients of a block from index `k` on.
 #[inline]
 fn skip_ac(bits: &mut Bits, ac: &Huffman, mut k: u32) -> Option<()> {
+    let skip = &ac.fast()?.skip;
     while k < 64 {
-        let e = ac.fast_ac[bits.peek9()];
-        if e != 0 {
-            bits.consume((e & 15) as u32);
-            let advance = (e >> 4) as u32;
-            if advance == 0 {
-                break;
+        let e = skip[bits.peek()] as u32;
+        let advance = (e >> 4) & 127;
+        let eob = e & (1 << 11) != 0;
+        // Whole symbols only while they stay inside the block; an end-of-block must come
+        // before the block is full (after that the bits belong to the next block).
+        if e != 0
+            && (if eob {
+                k + advance < 64
+            } else {
+                k + advance <= 64
+            })
+        {
+            bits.consume(e & 15);
+            if eob {
+                return Some(());
             }
             k += advance;
             continue;
@@ -707,8 +761,9 @@ fn reduced_block(
     let mut zz = [0i32; 25];
     zz[0] = dc;
     let mut k = 1usize;
+    let val = &ac.fast()?.val;
     while k <= kmax {
-        let e = ac.fast_acv[bits.peek9()];
+        let e = val[bits.peek()];
         if e != 0 {
             bits.consume((e & 15) as u32);
             k += ((e >> 4) & 15) as usize;
@@ -826,11 +881,18 @@ fn decode_scan(
         |bits: &mut Bits, si: usize, ci: usize, bx: usize, by: usize, pred: &mut [i32]| {
             let c = comps.get(ci)?;
             if ah == 0 {
-                let s = bits.decode(tables.dc[si])? as u32;
-                if s > 11 {
-                    return None;
-                }
-                let diff = extend(bits.bits(s), s);
+                let dc = tables.dc[si];
+                let e = dc.fast()?.val[bits.peek()];
+                let diff = if e != 0 {
+                    bits.consume((e & 15) as u32);
+                    e >> 12
+                } else {
+                    let s = bits.decode(dc)? as u32;
+                    if s > 11 {
+                        return None;
+                    }
+                    extend(bits.bits(s), s)
+                };
                 pred[si] = pred[si].wrapping_add(diff);
             }
             if n > 1 {
@@ -925,22 +987,29 @@ fn render(f: &Frame, q: &[u32]) -> DcImage {
         };
     }
     let planes: Vec<Vec<i32>> = (0..3).map(plane).collect();
-    let mut data = Vec::with_capacity(ow * oh * 3);
-    let sample = |ci: usize, x: usize, y: usize| -> i32 {
-        let c = f.comps[ci];
-        // Output pixel (x, y) is one luma-resolution block; map to this component's grid.
-        let cx = (x * c.h / f.hmax).min(c.bw - 1);
-        let cy = (y * c.v / f.vmax).min(c.bh - 1);
-        planes[ci][cy * c.bw + cx]
-    };
-    for y in 0..oh {
-        for x in 0..ow {
-            let yy = sample(0, x, y) as f32;
-            let cb = sample(1, x, y) as f32 - 128.0;
-            let cr = sample(2, x, y) as f32 - 128.0;
-            data.push(clamp((yy + 1.402 * cr).round() as i32));
-            data.push(clamp((yy - 0.344_136 * cb - 0.714_136 * cr).round() as i32));
-            data.push(clamp((yy + 1.772 * cb).round() as i32));
+    let mut data = vec![0u8; ow * oh * 3];
+    // Output pixel (x, y) is one luma-resolution block; each component's sample is the
+    // block of its own grid that covers it.
+    let cols: Vec<Vec<usize>> = f
+        .comps
+        .iter()
+        .map(|c| (0..ow).map(|x| (x * c.h / f.hmax).min(c.bw - 1)).collect())
+        .collect();
+    for (y, row) in data.chunks_exact_mut(ow * 3).enumerate() {
+        let line = |ci: usize| {
+            let c = f.comps[ci];
+            let cy = (y * c.v / f.vmax).min(c.bh - 1);
+            &planes[ci][cy * c.bw..(cy + 1) * c.bw]
+        };
+        let (l0, l1, l2) = (line(0), line(1), line(2));
+        let idx = cols[0].iter().zip(&cols[1]).zip(&cols[2]);
+        for (o, ((&x0, &x1), &x2)) in row.chunks_exact_mut(3).zip(idx) {
+            let (yy, cb, cr) = (
+                l0[x0].clamp(0, 255),
+                l1[x1].clamp(0, 255),
+                l2[x2].clamp(0, 255),
+            );
+            ycc_to_rgb(yy, cb, cr, o);
         }
     }
     DcImage {
@@ -949,6 +1018,21 @@ fn render(f: &Frame, q: &[u32]) -> DcImage {
         channels: 3,
         data,
     }
+}
+
+/// YCbCr → RGB in 20-bit fixed point, rounded as `jpeg-decoder` does.
+#[inline(always)]
+fn ycc_to_rgb(yy: i32, cb: i32, cr: i32, o: &mut [u8]) {
+    const R: i32 = fix20(1.402);
+    const GB: i32 = fix20(0.34414);
+    const GR: i32 = fix20(0.71414);
+    const B: i32 = fix20(1.772);
+    let px = |v: i32| (v >> 20).clamp(0, 255) as u8;
+    let yy = (yy << 20) + (1 << 19);
+    let (cb, cr) = (cb - 128, cr - 128);
+    o[0] = px(yy + R * cr);
+    o[1] = px(yy - GB * cb - GR * cr);
+    o[2] = px(yy + B * cb);
 }
 
 /// One output row of a component at the image's full (reduced) resolution: rows and
@@ -1029,18 +1113,9 @@ fn render_scaled(f: &Frame) -> Option<DcImage> {
             row.copy_from_slice(&lines[0]);
             continue;
         }
-        const R: i32 = fix20(1.402);
-        const GB: i32 = fix20(0.34414);
-        const GR: i32 = fix20(0.71414);
-        const B: i32 = fix20(1.772);
-        let px = |v: i32| (v >> 20).clamp(0, 255) as u8;
         let ycc = lines[0].iter().zip(&lines[1]).zip(&lines[2]);
         for (o, ((&yy, &cb), &cr)) in row.chunks_exact_mut(3).zip(ycc) {
-            let yy = ((yy as i32) << 20) + (1 << 19);
-            let (cb, cr) = (cb as i32 - 128, cr as i32 - 128);
-            o[0] = px(yy + R * cr);
-            o[1] = px(yy - GB * cb - GR * cr);
-            o[2] = px(yy + B * cb);
+            ycc_to_rgb(yy as i32, cb as i32, cr as i32, o);
         }
     }
     Some(DcImage {
