@@ -50,7 +50,7 @@ pub(crate) fn count_frames(data: &[u8], stop_after: u64) -> u64 {
     }
 }
 
-fn skip_sub_blocks(data: &[u8], mut pos: usize) -> Option<usize> {
+pub(crate) fn skip_sub_blocks(data: &[u8], mut pos: usize) -> Option<usize> {
     loop {
         let len = *data.get(pos)? as usize;
         pos += 1;

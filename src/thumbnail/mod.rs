@@ -17,6 +17,7 @@
 
 #[cfg(feature = "service")]
 pub mod cli;
+mod gif_decode;
 mod gif_frames;
 #[cfg(feature = "service")]
 pub mod http;

@@ -499,6 +499,27 @@ fn decode_tiff(input: &[u8], p: &Probe, cfg: &Config) -> Result<Option<Decoded>,
     }))
 }
 
+/// The first frame of a GIF through our own decoder (see `gif_decode`); `None` for
+/// anything it leaves to the generic path.
+fn decode_gif(input: &[u8], p: &Probe, cfg: &Config) -> Option<Decoded> {
+    let c = super::gif_decode::decode_first_frame(input, cfg.max_alloc_bytes)?;
+    if (c.width, c.height) != (p.width, p.height) {
+        return None;
+    }
+    let image = if c.channels == 3 {
+        DynamicImage::ImageRgb8(image::RgbImage::from_raw(c.width, c.height, c.data)?)
+    } else {
+        DynamicImage::ImageRgba8(image::RgbaImage::from_raw(c.width, c.height, c.data)?)
+    };
+    Some(Decoded {
+        image,
+        icc: None,
+        orientation: Orientation::NoTransforms,
+        shrink: 1.0,
+        cmyk: false,
+    })
+}
+
 fn decode_other(input: &[u8], p: &Probe, cfg: &Config) -> Result<Decoded, Error> {
     let mut r = ImageReader::with_format(Cursor::new(input), image_format(p.format));
     let mut limits = image::Limits::default();
@@ -812,6 +833,10 @@ fn decode(
         decode_jpeg(input, &p, specs, cfg)?
     } else if p.format == Format::Tiff
         && let Some(d) = decode_tiff(input, &p, cfg)?
+    {
+        d
+    } else if p.format == Format::Gif
+        && let Some(d) = decode_gif(input, &p, cfg)
     {
         d
     } else {

@@ -84,22 +84,32 @@ pub fn decode_strip(src: &[u8], out: &mut [u8]) -> bool {
                 width += 1;
             }
         }
-        let n = len.min(end - p);
-        if off == usize::MAX {
-            out[p] = code as u8;
-        } else if n <= 8 && p + 8 <= end && off + 8 <= p {
-            let v: [u8; 8] = out[off..off + 8].try_into().expect("8 bytes");
-            out[p..p + 8].copy_from_slice(&v);
-        } else {
-            // Forward byte copy: also right for the one overlapping case (KwKwK).
-            for i in 0..n {
-                out[p + i] = out[off + i];
-            }
-        }
         prev = Some((p, len));
-        p += n;
+        p += put_string(out, p, code as u8, off, len);
     }
     true
+}
+
+/// Write one LZW string at `out[p..]`, cut at the end of `out`: the byte `literal` when
+/// `off` is `usize::MAX`, else a copy of `len` bytes from `out[off..]` (earlier output).
+/// Returns the number of bytes written.
+#[inline(always)]
+pub(crate) fn put_string(out: &mut [u8], p: usize, literal: u8, off: usize, len: usize) -> usize {
+    let end = out.len();
+    let n = len.min(end - p);
+    if off == usize::MAX {
+        out[p] = literal;
+    } else if n <= 8 && p + 8 <= end && off + 8 <= p {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&out[off..off + 8]);
+        out[p..p + 8].copy_from_slice(&v);
+    } else {
+        // Forward byte copy: also right for the one overlapping case (KwKwK).
+        for i in 0..n {
+            out[p + i] = out[off + i];
+        }
+    }
+    n
 }
 
 /// Decode a stripped, chunky, 8-bit LZW TIFF (predictor none or horizontal) into `buf`
