@@ -14,7 +14,7 @@
 use super::gif_frames::skip_sub_blocks;
 
 /// A decoded frame on its logical screen: RGB (`channels` 3) or RGBA (4), row-major.
-pub(crate) struct Canvas {
+pub struct Canvas {
     pub width: u32,
     pub height: u32,
     pub channels: u8,
@@ -27,7 +27,7 @@ fn le16(d: &[u8], i: usize) -> Option<usize> {
 
 /// Decode the first frame; `None` to leave the file to the generic decoder. At most
 /// `max_alloc` bytes are allocated for pixels (indices plus the canvas).
-pub(crate) fn decode_first_frame(d: &[u8], max_alloc: u64) -> Option<Canvas> {
+pub fn decode_first_frame(d: &[u8], max_alloc: u64) -> Option<Canvas> {
     if !(d.starts_with(b"GIF87a") || d.starts_with(b"GIF89a")) {
         return None;
     }

@@ -15,9 +15,10 @@
 //! All decoding runs behind `catch_unwind`; a caught panic is a `Corrupt` error and is
 //! counted in [`Stats::panics`].
 
+pub mod bmp_decode;
 #[cfg(feature = "service")]
 pub mod cli;
-mod gif_decode;
+pub mod gif_decode;
 mod gif_frames;
 #[cfg(feature = "service")]
 pub mod http;

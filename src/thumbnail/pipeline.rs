@@ -839,6 +839,18 @@ fn decode(
         && let Some(d) = decode_gif(input, &p, cfg)
     {
         d
+    } else if p.format == Format::Bmp
+        && let Some((w, h, rgb)) = super::bmp_decode::decode_rgb24(input, cfg.max_alloc_bytes)
+        && (w, h) == (p.width, p.height)
+        && let Some(image) = image::RgbImage::from_raw(w, h, rgb)
+    {
+        Decoded {
+            image: DynamicImage::ImageRgb8(image),
+            icc: None,
+            orientation: Orientation::NoTransforms,
+            shrink: 1.0,
+            cmyk: false,
+        }
     } else {
         decode_other(input, &p, cfg)?
     };
