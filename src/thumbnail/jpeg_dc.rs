@@ -165,60 +165,49 @@ impl Huffman {
     }
 }
 
-/// Bit reader over one scan's entropy-coded data, unstuffed beforehand ([`Bits::scan`]):
-/// the reads in the Huffman loops are then plain 8-byte loads, with no check for 0xFF
-/// bytes or markers and no call out of the loop.
-struct Bits {
-    /// The scan's data with 0xFF00 unstuffed, each restart interval followed by 8 zero
-    /// bytes (so that a load at any position inside an interval is whole).
+/// Bit reader over one scan's entropy-coded data. The data is unstuffed (0xFF00 → 0xFF)
+/// a chunk at a time into a small buffer, so that the reads in the Huffman loops are
+/// plain 8-byte loads with no check for 0xFF bytes or markers; memory stays bounded
+/// whatever the size of the scan.
+struct Bits<'a> {
+    d: &'a [u8],
+    /// Next byte of `d` to unstuff.
+    spos: usize,
+    /// Unstuffed bytes: `buf[..len]` to read (data, then zeros once the interval's data
+    /// ended), followed by 8 zero bytes so that a load at any `pos < len` is whole.
     buf: Vec<u8>,
-    /// Where each restart interval's data ends in `buf`.
-    ends: Vec<usize>,
-    /// The interval being read.
-    seg: usize,
+    len: usize,
     /// Next byte of `buf` to load.
     pos: usize,
+    /// Unstuffed bytes of this restart interval dropped from the front of `buf`.
+    base: usize,
+    /// Once reached: the marker that ends the interval's data, its position in `d`, and
+    /// where the data ended (counted like `base + pos`).
+    marker: Option<(u8, usize, usize)>,
+    /// The file ended inside the data, with no marker.
+    truncated: bool,
     /// Bits not yet consumed, from the most significant bit on; the bits below `n` are
     /// loaded again by the next refill.
     acc: u64,
     n: u32,
 }
 
-impl Bits {
-    /// Read the entropy-coded data starting at `pos` up to the marker that ends it;
-    /// returns the reader and that marker's position. `None` if the data ends first.
-    fn scan(d: &[u8], mut pos: usize) -> Option<(Bits, usize)> {
-        let mut buf = Vec::new();
-        let mut ends = Vec::new();
-        loop {
-            let rest = d.get(pos..)?;
-            let i = memchr::memchr(0xFF, rest)?;
-            buf.extend_from_slice(&rest[..i]);
-            pos += i;
-            match *d.get(pos + 1)? {
-                0x00 => {
-                    buf.push(0xFF);
-                    pos += 2;
-                }
-                // Fill byte before a marker.
-                0xFF => pos += 1,
-                m => {
-                    ends.push(buf.len());
-                    buf.extend_from_slice(&[0; 8]);
-                    if !(0xD0..=0xD7).contains(&m) {
-                        let bits = Bits {
-                            buf,
-                            ends,
-                            seg: 0,
-                            pos: 0,
-                            acc: 0,
-                            n: 0,
-                        };
-                        return Some((bits, pos));
-                    }
-                    pos += 2;
-                }
-            }
+/// Unstuffed bytes per refill of [`Bits`]' buffer.
+const CHUNK: usize = 32 << 10;
+
+impl<'a> Bits<'a> {
+    fn new(d: &'a [u8], pos: usize) -> Self {
+        Bits {
+            d,
+            spos: pos,
+            buf: Vec::with_capacity(CHUNK + 16),
+            len: 0,
+            pos: 0,
+            base: 0,
+            marker: None,
+            truncated: false,
+            acc: 0,
+            n: 0,
         }
     }
 
@@ -226,6 +215,9 @@ impl Bits {
     /// data reads that far, and [`Bits::overran`] tells) the bits are zeros.
     #[inline(always)]
     fn fill(&mut self) {
+        if self.pos + 8 > self.len {
+            self.more();
+        }
         let w = match self.buf.get(self.pos..self.pos + 8) {
             Some(c) => u64::from_be_bytes(c.try_into().unwrap_or([0; 8])),
             None => 0,
@@ -235,10 +227,78 @@ impl Bits {
         self.n |= 56;
     }
 
+    /// Keep the bytes not yet loaded and unstuff up to a chunk more after them.
+    #[cold]
+    #[inline(never)]
+    fn more(&mut self) {
+        let keep = self.pos.min(self.len);
+        self.buf.truncate(self.len);
+        self.buf.drain(..keep);
+        self.base += keep;
+        self.pos -= keep;
+        if self.marker.is_some() || self.truncated {
+            self.buf.resize(CHUNK, 0);
+        }
+        while self.buf.len() < CHUNK {
+            let rest = self.d.get(self.spos..).unwrap_or_default();
+            let room = (CHUNK - self.buf.len()).min(rest.len());
+            let Some(i) = memchr::memchr(0xFF, &rest[..room]) else {
+                self.buf.extend_from_slice(&rest[..room]);
+                self.spos += room;
+                if room == rest.len() {
+                    self.truncated = true;
+                    self.marker = Some((0, self.d.len(), self.base + self.buf.len()));
+                    break;
+                }
+                continue;
+            };
+            self.buf.extend_from_slice(&rest[..i]);
+            self.spos += i;
+            match self.d.get(self.spos + 1) {
+                Some(0x00) => {
+                    self.buf.push(0xFF);
+                    self.spos += 2;
+                }
+                // Fill byte before a marker.
+                Some(0xFF) => self.spos += 1,
+                Some(&m) => {
+                    self.marker = Some((m, self.spos, self.base + self.buf.len()));
+                    break;
+                }
+                None => {
+                    self.truncated = true;
+                    self.marker = Some((0, self.d.len(), self.base + self.buf.len()));
+                    break;
+                }
+            }
+        }
+        self.len = self.buf.len();
+        self.buf.extend_from_slice(&[0; 8]);
+    }
+
     /// True if bits beyond the current restart interval's data have been consumed.
     fn overran(&self) -> bool {
-        let consumed = (self.pos * 8).saturating_sub(self.n as usize);
-        consumed > self.ends.get(self.seg).map_or(0, |&e| e * 8)
+        let consumed = ((self.base + self.pos) * 8).saturating_sub(self.n as usize);
+        self.marker.is_some_and(|(_, _, end)| consumed > end * 8)
+    }
+
+    /// Find the marker that ends the interval's data, if not reached yet.
+    fn find_marker(&mut self) -> Option<(u8, usize)> {
+        if self.marker.is_none() {
+            let p = skip_entropy_once(self.d, self.spos)?;
+            self.marker = Some((*self.d.get(p + 1)?, p, usize::MAX));
+        }
+        self.marker.map(|(m, p, _)| (m, p))
+    }
+
+    /// Where the scan's data ends in `d`: the first marker other than a restart marker.
+    /// `None` if the file ended inside the data or bits past it were consumed.
+    fn finish(mut self) -> Option<usize> {
+        if self.overran() || self.truncated {
+            return None;
+        }
+        let (_, p) = self.find_marker()?;
+        skip_entropy(self.d, p)
     }
 
     #[inline]
@@ -301,11 +361,19 @@ impl Bits {
 
     /// Byte-align and go on after the restart marker that must end this interval.
     fn restart(&mut self) -> Option<()> {
-        if self.overran() || self.seg + 1 >= self.ends.len() {
+        if self.overran() || self.truncated {
             return None;
         }
-        self.pos = self.ends[self.seg] + 8;
-        self.seg += 1;
+        let (m, p) = self.find_marker()?;
+        if !(0xD0..=0xD7).contains(&m) {
+            return None;
+        }
+        self.spos = p + 2;
+        self.buf.clear();
+        self.len = 0;
+        self.pos = 0;
+        self.base = 0;
+        self.marker = None;
         self.acc = 0;
         self.n = 0;
         Some(())
@@ -623,17 +691,14 @@ pub fn decode_scaled(d: &[u8], den: u32, max_blocks: usize) -> Option<DcImage> {
                 } else {
                     Vec::new()
                 };
-                let (mut bits, end) = Bits::scan(d, pos)?;
+                let mut bits = Bits::new(d, pos);
                 let tables = ScanTables {
                     dc: &dct,
                     ac: &act,
                     q: &q,
                 };
                 decode_scan(f, &scomps, &tables, ah, al, restart_interval, &mut bits)?;
-                if bits.overran() {
-                    return None;
-                }
-                pos = end;
+                pos = bits.finish()?;
                 seen_dc_scan = true;
             }
             _ => {} // APPn, COM, DNL (unsupported sizes would fail above), …
@@ -660,6 +725,17 @@ pub fn decode_scaled(d: &[u8], den: u32, max_blocks: usize) -> Option<DcImage> {
     Some(render(&f, &q))
 }
 
+/// Find the next marker (RST included; not stuffing or fill bytes) at or after `pos`.
+fn skip_entropy_once(d: &[u8], mut pos: usize) -> Option<usize> {
+    loop {
+        let i = pos + memchr::memchr(0xFF, d.get(pos..)?)?;
+        match *d.get(i + 1)? {
+            0x00 | 0xFF => pos = i + 1,
+            _ => return Some(i),
+        }
+    }
+}
+
 /// Find the next marker (not RST, not stuffing) at or after `pos`.
 fn skip_entropy(d: &[u8], mut pos: usize) -> Option<usize> {
     loop {
@@ -682,7 +758,7 @@ struct ScanTables<'a> {
 
 /// Huffman-decode and skip the AC coefficients of a block from index `k` on.
 #[inline]
-fn skip_ac(bits: &mut Bits, ac: &Huffman, mut k: u32) -> Option<()> {
+fn skip_ac(bits: &mut Bits<'_>, ac: &Huffman, mut k: u32) -> Option<()> {
     let skip = &ac.fast()?.skip;
     while k < 64 {
         let e = skip[bits.peek()] as u32;
@@ -749,7 +825,7 @@ const PICK_4X4: [(u8, u8); 16] = [
 /// and write its `n`×`n` samples through the reduced IDCT into `out` (row stride `stride`).
 #[inline]
 fn reduced_block(
-    bits: &mut Bits,
+    bits: &mut Bits<'_>,
     ac: &Huffman,
     dc: i32,
     q: &[u16; 64],
@@ -869,7 +945,7 @@ fn decode_scan(
     ah: u32,
     al: u32,
     restart_interval: usize,
-    bits: &mut Bits,
+    bits: &mut Bits<'_>,
 ) -> Option<()> {
     let mut pred = [0i32; MAX_COMPONENTS];
     let progressive = f.progressive;
@@ -878,7 +954,7 @@ fn decode_scan(
     let dcs = &mut f.dc;
     let planes = &mut f.planes;
     let mut block =
-        |bits: &mut Bits, si: usize, ci: usize, bx: usize, by: usize, pred: &mut [i32]| {
+        |bits: &mut Bits<'_>, si: usize, ci: usize, bx: usize, by: usize, pred: &mut [i32]| {
             let c = comps.get(ci)?;
             if ah == 0 {
                 let dc = tables.dc[si];
@@ -914,7 +990,7 @@ fn decode_scan(
             Some(())
         };
     let mut done = 0usize;
-    let check_restart = |bits: &mut Bits, done: &mut usize, total: usize, pred: &mut [i32]| {
+    let check_restart = |bits: &mut Bits<'_>, done: &mut usize, total: usize, pred: &mut [i32]| {
         *done += 1;
         if restart_interval > 0 && done.is_multiple_of(restart_interval) && *done < total {
             bits.restart()?;
