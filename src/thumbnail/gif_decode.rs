@@ -49,8 +49,10 @@ pub fn decode_first_frame(d: &[u8], max_alloc: u64) -> Option<Canvas> {
                 let body = pos + 2;
                 match label {
                     0xF9 => {
-                        let b = d.get(body..body + 5)?;
-                        if b[0] != 4 {
+                        // One 4-byte sub-block, then the terminator (the gif crate
+                        // refuses other shapes).
+                        let b = d.get(body..body + 6)?;
+                        if b[0] != 4 || b[5] != 0 {
                             return None;
                         }
                         transparent = (b[1] & 1 != 0).then_some(b[4]);
@@ -400,6 +402,20 @@ mod tests {
             bad[i] ^= 0x5A;
             let _ = decode_first_frame(&bad, u64::MAX);
         }
+        // A graphic control extension split over two sub-blocks (the gif crate refuses
+        // it): left to the generic decoder.
+        let gce = encode(
+            (w, h),
+            &[(0, 0, w, h, noise(64 * 48, 16, 1), false)],
+            &palette(16),
+            Some(3),
+        );
+        let at = gce.windows(3).position(|x| x == [0x21, 0xF9, 4]).unwrap();
+        assert!(decode_first_frame(&gce, u64::MAX).is_some());
+        let mut split = gce[..at + 7].to_vec();
+        split.extend_from_slice(&[4, 0, 0, 0, 0]);
+        split.extend_from_slice(&gce[at + 7..]);
+        assert!(decode_first_frame(&split, u64::MAX).is_none());
         assert!(decode_first_frame(b"GIF89a", u64::MAX).is_none());
         assert!(decode_first_frame(b"", u64::MAX).is_none());
     }

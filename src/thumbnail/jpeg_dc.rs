@@ -26,6 +26,9 @@ pub struct DcImage {
 }
 
 const MAX_COMPONENTS: usize = 3;
+/// Fast Huffman tables built per file at most (a real file needs 2–4 per scan and
+/// has at most a dozen scans that use them here).
+const MAX_TABLE_BUILDS: usize = 64;
 
 /// Bits looked at by the Huffman tables' fast look-ups. 12 covers nearly every symbol
 /// of real files together with its magnitude bits (codes of 2–8 bits, magnitudes of
@@ -92,9 +95,9 @@ impl Huffman {
 
     /// Build the fast look-ups (once; a progressive file defines many tables it never
     /// uses here). `ac` says how the symbols are to be read: run/size or DC size.
-    fn prepare(&mut self, ac: bool) {
+    fn prepare(&mut self, ac: bool) -> bool {
         if self.fast.is_some() {
-            return;
+            return false;
         }
         let mut sym = vec![0u16; FAST_SIZE];
         for len in 1..=FAST_BITS as usize {
@@ -158,6 +161,7 @@ impl Huffman {
             }
         }
         self.fast = Some(Box::new(Fast { sym, val, skip }));
+        true
     }
 
     fn fast(&self) -> Option<&Fast> {
@@ -276,17 +280,26 @@ impl<'a> Bits<'a> {
         self.buf.extend_from_slice(&[0; 8]);
     }
 
+    /// Bits of this restart interval consumed so far.
+    fn consumed(&self) -> usize {
+        ((self.base + self.pos) * 8).saturating_sub(self.n as usize)
+    }
+
     /// True if bits beyond the current restart interval's data have been consumed.
     fn overran(&self) -> bool {
-        let consumed = ((self.base + self.pos) * 8).saturating_sub(self.n as usize);
-        self.marker.is_some_and(|(_, _, end)| consumed > end * 8)
+        let consumed = self.consumed();
+        self.marker
+            .is_some_and(|(_, _, end)| consumed > end.saturating_mul(8))
     }
 
     /// Find the marker that ends the interval's data, if not reached yet.
     fn find_marker(&mut self) -> Option<(u8, usize)> {
         if self.marker.is_none() {
             let p = skip_entropy_once(self.d, self.spos)?;
-            self.marker = Some((*self.d.get(p + 1)?, p, usize::MAX));
+            // Bytes not unstuffed yet count as they are: close enough to tell a few
+            // leftover bytes from many.
+            let end = self.base + self.len + (p - self.spos);
+            self.marker = Some((*self.d.get(p + 1)?, p, end));
         }
         self.marker.map(|(m, p, _)| (m, p))
     }
@@ -366,6 +379,12 @@ impl<'a> Bits<'a> {
         }
         let (m, p) = self.find_marker()?;
         if !(0xD0..=0xD7).contains(&m) {
+            return None;
+        }
+        // An interval's data ends within a byte of where its last block did: more left
+        // over is a corrupt file (jpeg-decoder refuses it too).
+        let end = self.marker.map_or(0, |(_, _, end)| end);
+        if end.saturating_sub(self.consumed().div_ceil(8)) > 8 {
             return None;
         }
         self.spos = p + 2;
@@ -482,6 +501,7 @@ pub fn decode_scaled(d: &[u8], den: u32, max_blocks: usize) -> Option<DcImage> {
     let mut restart_interval = 0usize;
     let mut adobe_transform: Option<u8> = None;
     let mut seen_dc_scan = false;
+    let mut table_builds = 0usize;
     loop {
         if *d.get(pos)? != 0xFF {
             return None;
@@ -659,12 +679,17 @@ pub fn decode_scaled(d: &[u8], den: u32, max_blocks: usize) -> Option<DcImage> {
                     return None;
                 }
                 for &(_, td, ta) in &scomps {
-                    if ah == 0 {
-                        dc_tables[td].as_mut()?.prepare(false);
+                    if ah == 0 && dc_tables[td].as_mut()?.prepare(false) {
+                        table_builds += 1;
                     }
-                    if !f.progressive {
-                        ac_tables[ta].as_mut()?.prepare(true);
+                    if !f.progressive && ac_tables[ta].as_mut()?.prepare(true) {
+                        table_builds += 1;
                     }
+                }
+                // Each build costs ~10⁴ operations: a file that redefines tables before
+                // thousands of tiny scans goes to the full decoder instead.
+                if table_builds > MAX_TABLE_BUILDS {
+                    return None;
                 }
                 let dct: Vec<&Huffman> = if ah == 0 {
                     scomps
@@ -1398,6 +1423,27 @@ mod tests {
         let data = fixture("photo.jpg");
         for cut in (0..data.len()).step_by(997) {
             let _ = decode(&data[..cut], usize::MAX);
+        }
+    }
+
+    #[test]
+    fn junk_before_a_restart_marker_falls_back() {
+        let data = fixture("restart.jpg");
+        assert!(decode_scaled(&data, 8, usize::MAX).is_some());
+        // Twenty bytes that are not 0xFF before the second restart marker: the blocks of
+        // that interval end long before it, which only a corrupt file does.
+        let rst = data
+            .windows(2)
+            .enumerate()
+            .filter(|(_, w)| w[0] == 0xFF && (0xD0..=0xD7).contains(&w[1]))
+            .nth(1)
+            .map(|(i, _)| i)
+            .expect("restart markers");
+        let mut bad = data[..rst].to_vec();
+        bad.extend_from_slice(&[0x55; 20]);
+        bad.extend_from_slice(&data[rst..]);
+        for den in [8, 4, 2] {
+            assert!(decode_scaled(&bad, den, usize::MAX).is_none(), "1/{den}");
         }
     }
 }
