@@ -781,6 +781,28 @@ struct ScanTables<'a> {
     q: &'a [[u16; 64]],
 }
 
+/// One AC symbol with its magnitude bits.
+enum Ac {
+    EndOfBlock,
+    SixteenZeros,
+    Coef { run: u32, value: i32 },
+}
+
+/// Read one AC symbol the slow way (a code or magnitude past the fast look-ups). Sizes
+/// of 0 with a run other than 15 are undefined and read as end-of-block, as libjpeg does.
+fn slow_ac(bits: &mut Bits<'_>, ac: &Huffman) -> Option<Ac> {
+    let rs = bits.decode(ac)?;
+    let (run, size) = ((rs >> 4) as u32, (rs & 15) as u32);
+    Some(match (run, size) {
+        (15, 0) => Ac::SixteenZeros,
+        (_, 0) => Ac::EndOfBlock,
+        _ => Ac::Coef {
+            run,
+            value: extend(bits.bits(size), size),
+        },
+    })
+}
+
 /// Huffman-decode and skip the AC coefficients of a block from index `k` on.
 #[inline]
 fn skip_ac(bits: &mut Bits<'_>, ac: &Huffman, mut k: u32) -> Option<()> {
@@ -805,17 +827,11 @@ fn skip_ac(bits: &mut Bits<'_>, ac: &Huffman, mut k: u32) -> Option<()> {
             k += advance;
             continue;
         }
-        let rs = bits.decode(ac)?;
-        let (r, s) = ((rs >> 4) as u32, (rs & 15) as u32);
-        if s == 0 {
-            if r == 15 {
-                k += 16;
-                continue;
-            }
-            break;
+        match slow_ac(bits, ac)? {
+            Ac::EndOfBlock => break,
+            Ac::SixteenZeros => k += 16,
+            Ac::Coef { run, .. } => k += run + 1,
         }
-        bits.bits(s);
-        k += r + 1;
     }
     if k > 64 {
         return None;
@@ -874,22 +890,20 @@ fn reduced_block(
             k += 1;
             continue;
         }
-        let rs = bits.decode(ac)?;
-        let (r, s) = ((rs >> 4) as usize, (rs & 15) as u32);
-        if s == 0 {
-            if r == 15 {
-                k += 16;
-                continue;
+        match slow_ac(bits, ac)? {
+            Ac::EndOfBlock => {
+                k = 64;
+                break;
             }
-            k = 64; // end of block
-            break;
+            Ac::SixteenZeros => k += 16,
+            Ac::Coef { run, value } => {
+                k += run as usize;
+                if let Some(z) = zz.get_mut(k) {
+                    *z = value;
+                }
+                k += 1;
+            }
         }
-        k += r;
-        let v = extend(bits.bits(s), s);
-        if let Some(z) = zz.get_mut(k) {
-            *z = v;
-        }
-        k += 1;
     }
     skip_ac(bits, ac, u32::try_from(k).ok()?)?;
     // Dequantize into natural order (row = vertical frequency). Real coefficients of 8-bit

@@ -281,6 +281,19 @@ struct Decoded {
     cmyk: bool,
 }
 
+impl Decoded {
+    /// Pixels at full size with no profile and no orientation (GIF, BMP).
+    fn plain(image: DynamicImage) -> Decoded {
+        Decoded {
+            image,
+            icc: None,
+            orientation: Orientation::NoTransforms,
+            shrink: 1.0,
+            cmyk: false,
+        }
+    }
+}
+
 fn swaps(o: Orientation) -> bool {
     matches!(
         o,
@@ -511,13 +524,7 @@ fn decode_gif(input: &[u8], p: &Probe, cfg: &Config) -> Option<Decoded> {
     } else {
         DynamicImage::ImageRgba8(image::RgbaImage::from_raw(c.width, c.height, c.data)?)
     };
-    Some(Decoded {
-        image,
-        icc: None,
-        orientation: Orientation::NoTransforms,
-        shrink: 1.0,
-        cmyk: false,
-    })
+    Some(Decoded::plain(image))
 }
 
 fn decode_other(input: &[u8], p: &Probe, cfg: &Config) -> Result<Decoded, Error> {
@@ -844,13 +851,7 @@ fn decode(
         && (w, h) == (p.width, p.height)
         && let Some(image) = image::RgbImage::from_raw(w, h, rgb)
     {
-        Decoded {
-            image: DynamicImage::ImageRgb8(image),
-            icc: None,
-            orientation: Orientation::NoTransforms,
-            shrink: 1.0,
-            cmyk: false,
-        }
+        Decoded::plain(DynamicImage::ImageRgb8(image))
     } else {
         decode_other(input, &p, cfg)?
     };
