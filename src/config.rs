@@ -107,7 +107,22 @@ pub struct ApiConfig {
     pub body_timeout_secs: f64,
     /// Seconds shutdown waits for open connections to finish.
     pub shutdown_grace_secs: f64,
+    /// Bearer tokens (`downloader token new`). Empty: the API is open to whoever
+    /// reaches it, as the reference's is (a warning says so at start).
+    pub tokens: Vec<crate::auth::TokenConfig>,
+    /// Endpoints that need no token even when tokens are configured: any of
+    /// `metrics`, `info`, `stats`, `files`.
+    pub public_endpoints: Vec<String>,
+    /// Origins (`https://admin.example.com`) whose pages may call the API from a
+    /// browser; a request from any other site is refused.
+    pub allowed_origins: Vec<String>,
+    /// Whose settings an aggregation keeps: `last` (every job's, the reference's) or
+    /// `first` (the first job's, until the aggregation has no job left).
+    pub aggregation_settings: crate::store::AggrSettings,
 }
+
+/// Endpoints `api.public_endpoints` may open.
+pub const PUBLIC_ENDPOINTS: [&str; 4] = ["metrics", "info", "stats", "files"];
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -117,6 +132,10 @@ impl Default for ApiConfig {
             header_timeout_secs: 30.0,
             body_timeout_secs: 30.0,
             shutdown_grace_secs: 30.0,
+            tokens: Vec::new(),
+            public_endpoints: Vec::new(),
+            allowed_origins: Vec::new(),
+            aggregation_settings: crate::store::AggrSettings::Last,
         }
     }
 }
@@ -391,6 +410,18 @@ impl Config {
             }
         }
         self.allowed_networks()?;
+        crate::auth::Tokens::from_config(&self.api.tokens)?;
+        for (i, e) in self.api.public_endpoints.iter().enumerate() {
+            if !PUBLIC_ENDPOINTS.contains(&e.as_str()) {
+                return Err(format!(
+                    "key `api.public_endpoints[{i}]`: {e:?} is not one of {PUBLIC_ENDPOINTS:?}"
+                ));
+            }
+        }
+        for (i, o) in self.api.allowed_origins.iter().enumerate() {
+            crate::web::guard::parse_origin(o)
+                .map_err(|e| format!("key `api.allowed_origins[{i}]`: {e}"))?;
+        }
         let (high, low) = (
             self.processor.disk_high_watermark_percent,
             self.processor.disk_low_watermark_percent,

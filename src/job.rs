@@ -42,6 +42,10 @@ pub struct JobSpec {
     /// Thumbnail specs as submitted (validated with `thumbnail::Spec`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub thumbnails: Vec<Value>,
+    /// The name of the API token that submitted the job (`api.tokens`); never taken
+    /// from the request body. Its aggregations are its own (see [`JobSpec::aggr_key`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// Highest `aggr_rate` accepted (requests per second).
@@ -54,7 +58,21 @@ pub const MAX_BURST: u64 = 100_000;
 /// Thumbnails one job may ask for.
 pub const MAX_THUMBNAILS: usize = 8;
 
+/// Marks a tenant's aggregation key: `@<tenant>/<aggr_id>`. Token names cannot
+/// contain `/`, so two tenants' keys never meet.
+pub const TENANT_MARK: char = '@';
+
 impl JobSpec {
+    /// The aggregation in the store: `aggr_id` itself for a job without a tenant,
+    /// else `@<tenant>/<aggr_id>`, so that one token's jobs can neither change nor
+    /// see another's aggregation of the same name.
+    pub fn aggr_key(&self) -> String {
+        match &self.tenant {
+            Some(t) => format!("{TENANT_MARK}{t}/{}", self.aggr_id),
+            None => self.aggr_id.clone(),
+        }
+    }
+
     /// The URL's host (lower case): the key of per-host limits and pauses.
     pub fn host(&self) -> String {
         url::Url::parse(&self.url)
@@ -353,6 +371,7 @@ impl JobSpec {
             download_timeout,
             request_headers,
             thumbnails,
+            tenant: None,
         })
     }
 }

@@ -4,6 +4,8 @@
 //! See ARCHITECTURE.md for how the pieces fit together.
 
 #[cfg(feature = "service")]
+pub mod auth;
+#[cfg(feature = "service")]
 pub mod config;
 #[cfg(feature = "service")]
 pub mod disk;

@@ -9,7 +9,9 @@ use downloader::config::RedisConfig;
 use downloader::job::{Callback, JobSpec, new_id};
 use downloader::store::embedded::EmbeddedStore;
 use downloader::store::redis::RedisStore;
-use downloader::store::{Claim, Claimed, DownloadResult, Queue, RetryCallback, Store};
+use downloader::store::{
+    AggrSettings, Claim, Claimed, DownloadResult, Queue, RetryCallback, Store,
+};
 
 const REDIS_ADDR: &str = "127.0.0.1:6379";
 const LONG: Duration = Duration::from_secs(60);
@@ -155,6 +157,8 @@ conformance!(
     host_concurrency_parks_until_a_slot_is_freed,
     host_pause_defers_without_spending_an_attempt,
     claim_holds_back_jobs_of_a_paused_host,
+    first_settings_stay_until_the_aggregation_drains,
+    tenants_have_their_own_aggregations,
 );
 
 // ------------------------------------------------------------------ helpers
@@ -178,6 +182,7 @@ fn spec(aggr: &str, limit: u32, proxy: Option<&str>) -> JobSpec {
         thumbnails: Vec::new(),
         aggr_rate: None,
         aggr_burst: None,
+        tenant: None,
     }
 }
 
@@ -1508,6 +1513,96 @@ mod cases {
         got.sort();
         ok.sort();
         assert_eq!(got, ok);
+    }
+
+    pub async fn first_settings_stay_until_the_aggregation_drains(s: Arc<dyn Store>) {
+        let first = AggrSettings::First;
+        let ids: Vec<String> = (0..3).map(|_| new_id()).collect();
+        s.submit_with(&ids[0], &spec("fst", 1, Some("http://p1.test:1")), first)
+            .await
+            .unwrap();
+        // A later job cannot raise the limit nor swap the proxy while jobs remain.
+        s.submit_with(&ids[1], &spec("fst", 3, Some("http://p2.test:2")), first)
+            .await
+            .unwrap();
+        let c0 = claim(&s, Queue::Download, LONG).await;
+        assert_eq!(c0.job.id, ids[0]);
+        assert_eq!(c0.proxy.as_deref(), Some("http://p1.test:1"));
+        assert_eq!(empty(&s, Queue::Download).await, None, "limit still 1");
+        // A retried job still counts: the settings stay.
+        assert!(
+            s.retry_download(
+                &c0.job.id,
+                &c0.token,
+                &DownloadResult::default(),
+                Duration::ZERO
+            )
+            .await
+            .unwrap()
+        );
+        // Both jobs run, one at a time, with the first job's proxy.
+        let mut ran = Vec::new();
+        for _ in 0..2 {
+            let c = claim_eventually(&s, Queue::Download, LONG, 5).await;
+            assert_eq!(
+                c.proxy.as_deref(),
+                Some("http://p1.test:1"),
+                "first job's proxy"
+            );
+            let (more, _) = s.claim_many(Queue::Download, LONG, 8).await.unwrap();
+            assert!(more.is_empty(), "limit still 1");
+            assert!(
+                s.finish_download(&c.job.id, &c.token, &ok_result(), HOUR)
+                    .await
+                    .unwrap()
+            );
+            ran.push(c.job.id);
+        }
+        ran.sort();
+        let mut want = ids[..2].to_vec();
+        want.sort();
+        assert_eq!(ran, want);
+        // Drained: the next job's settings are taken.
+        s.submit_with(&ids[2], &spec("fst", 2, Some("http://p3.test:3")), first)
+            .await
+            .unwrap();
+        let c2 = claim(&s, Queue::Download, LONG).await;
+        assert_eq!(c2.proxy.as_deref(), Some("http://p3.test:3"));
+    }
+
+    pub async fn tenants_have_their_own_aggregations(s: Arc<dyn Store>) {
+        let of = |tenant: &str, limit, proxy| JobSpec {
+            tenant: Some(tenant.into()),
+            ..spec("shared", limit, proxy)
+        };
+        let a: Vec<String> = (0..2).map(|_| new_id()).collect();
+        for id in &a {
+            s.submit(id, &of("a", 1, None)).await.unwrap();
+        }
+        // Another tenant's job of the same aggr_id changes nothing of a's.
+        let b = new_id();
+        s.submit(&b, &of("b", 5, Some("http://evil.test:1")))
+            .await
+            .unwrap();
+        let mut names: Vec<(String, u64)> = aggrs(&s).await;
+        names.sort();
+        assert_eq!(
+            names,
+            vec![("@a/shared".to_string(), 2), ("@b/shared".to_string(), 1)]
+        );
+        let (got, _) = s.claim_many(Queue::Download, LONG, 8).await.unwrap();
+        let mut got: Vec<(String, Option<String>)> =
+            got.into_iter().map(|c| (c.job.id, c.proxy)).collect();
+        got.sort();
+        let mut want = vec![
+            (a[0].clone(), None),
+            (b.clone(), Some("http://evil.test:1".to_string())),
+        ];
+        want.sort();
+        assert_eq!(got, want, "a's limit 1 and no proxy; b's own");
+        let rec = job(&s, &a[1]).await;
+        assert_eq!(rec.spec.aggr_id, "shared");
+        assert_eq!(rec.spec.tenant.as_deref(), Some("a"));
     }
 }
 

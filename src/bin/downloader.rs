@@ -54,8 +54,48 @@ enum Command {
     },
     /// Make thumbnails of image files.
     Thumbnail(downloader::thumbnail::cli::Args),
+    /// Manage API tokens (`api.tokens`).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new secret for a client and the `api.tokens` entry that accepts it.
+    New {
+        /// The token's name: its tenant, shown in logs (letters, digits, '.', '_', '-').
+        name: String,
+        /// What it may do (repeat for several): submit, read, admin.
+        #[arg(long = "scope", value_enum, required = true)]
+        scopes: Vec<downloader::auth::Scope>,
+    },
+}
+
+/// `downloader token new`: the secret on stdout's first line, the config entry on
+/// its second; nothing is stored anywhere.
+fn token(command: TokenCommand) -> ExitCode {
+    use std::io::Write;
+    let TokenCommand::New { name, scopes } = command;
+    match downloader::auth::new_token(&name, &scopes) {
+        Ok((secret, entry)) => {
+            let entry = serde_json::to_string(&entry).expect("a token entry is JSON");
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "{secret}\n{entry}");
+            say(format_args!(
+                "downloader: give the first line to the client (it is shown only once); \
+                 add the second to api.tokens in the config of every component"
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            say(format_args!("downloader: {e}"));
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// Prints to stderr, ignoring a closed stderr (eprintln! would panic).
@@ -75,6 +115,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Thumbnail(args) = cli.command {
         return downloader::thumbnail::cli::run(args);
+    }
+    if let Command::Token { command } = cli.command {
+        return token(command);
     }
     if let Command::Version = cli.command {
         use std::io::Write;
@@ -134,6 +177,7 @@ impl Command {
             Command::Notifier { .. } => "notifier",
             Command::Serve { .. } => "serve",
             Command::Thumbnail(_) => "thumbnail",
+            Command::Token { .. } => "token",
             Command::Version => "version",
         }
     }
@@ -145,7 +189,7 @@ fn config_path_of(command: &Command) -> Option<PathBuf> {
         | Command::Processor { config }
         | Command::Notifier { config } => Some(config.clone()),
         Command::Serve { config, .. } => config.clone(),
-        Command::Thumbnail(_) | Command::Version => None,
+        Command::Thumbnail(_) | Command::Token { .. } | Command::Version => None,
     }
 }
 
@@ -160,7 +204,7 @@ async fn run(
         (Command::Processor { .. }, Some(cfg)) => processor(cfg).await,
         (Command::Notifier { .. }, Some(cfg)) => notifier(cfg).await,
         _ => unreachable!(
-            "every component but serve has a config path; thumbnail and version return early"
+            "every component but serve has a config path; thumbnail, token and version return early"
         ),
     };
     match result {
@@ -199,10 +243,13 @@ async fn web(
     let store = downloader::connect_store(&cfg).await?;
     let shutdown = downloader::shutdown_on_signals();
     let listener = listen(activated, host, port).await?;
+    let guard = guard(&cfg, "web")?;
     let state = downloader::web::AppState {
         store,
         heartbeat_path: cfg.api.heartbeat_path.clone(),
         info: Arc::new(Info::new(vec!["web"], cfg.store_kind().name())),
+        guard,
+        aggr_settings: cfg.api.aggregation_settings,
     };
     let thumbnailer = Arc::new(Thumbnailer::new(cfg.thumbnail.clone()));
     let app = downloader::web::router(state, cfg.api.max_body_bytes, None, thumbnailer);
@@ -240,6 +287,7 @@ async fn serve(
         thumbnailer.clone(),
     )?);
     let notifier = Arc::new(downloader::notifier::Notifier::new(&cfg, store.clone())?);
+    let guard = guard(&cfg, "serve")?;
     let state = downloader::web::AppState {
         store,
         heartbeat_path: cfg.api.heartbeat_path.clone(),
@@ -247,6 +295,8 @@ async fn serve(
             vec!["web", "processor", "notifier"],
             cfg.store_kind().name(),
         )),
+        guard,
+        aggr_settings: cfg.api.aggregation_settings,
     };
     let root = cfg.storage_root().map_err(anyhow::Error::msg)?;
     let app = downloader::web::router(state, cfg.api.max_body_bytes, Some(root), thumbnailer);
@@ -261,6 +311,14 @@ async fn serve(
     web?;
     tracing::info!("serve stopped");
     Ok(())
+}
+
+/// The request guard of a listener (`api.tokens`, ...), with the start-up warning
+/// when the listener is open to anyone.
+fn guard(cfg: &Config, what: &str) -> anyhow::Result<Arc<downloader::web::Guard>> {
+    let g = downloader::web::Guard::from_config(&cfg.api).map_err(anyhow::Error::msg)?;
+    g.warn_if_open(what);
+    Ok(Arc::new(g))
 }
 
 /// The admin listener of `processor` or `notifier` when `key` (its config key) sets
@@ -286,13 +344,17 @@ async fn with_admin(
     work: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let stop = tokio_util::sync::CancellationToken::new();
+    let admin_guard = match admin {
+        Some(_) => Some(guard(cfg, "admin")?),
+        None => None,
+    };
     let server = async {
-        match admin {
-            Some(l) => {
-                let app = downloader::web::admin_router(ops);
+        match (admin, admin_guard) {
+            (Some(l), Some(g)) => {
+                let app = downloader::web::admin_router(ops, g);
                 downloader::web::serve(l, app, stop.clone(), cfg.api.limits()).await
             }
-            None => Ok(()),
+            _ => Ok(()),
         }
     };
     let work = async {

@@ -74,8 +74,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
 use super::{
-    AggrSummary, Claimed, DownloadResult, HOST_PARK_FALLBACK, HostLimits, HostPermit, Queue,
-    Result, RetryCallback, Store, StoreError, WaitReason, gcra, millis,
+    AggrSettings, AggrSummary, Claimed, DownloadResult, HOST_PARK_FALLBACK, HostLimits, HostPermit,
+    Queue, Result, RetryCallback, Store, StoreError, WaitReason, gcra, millis,
 };
 use crate::job::{JobRecord, JobSpec, state};
 
@@ -128,6 +128,9 @@ struct Aggr {
     /// Its entry in `ratewait`, while it waits for its rate.
     #[serde(default)]
     rate_wait: Option<u64>,
+    /// Its jobs still in their download phase (pending, delayed or in flight).
+    #[serde(default)]
+    jobs: i64,
 }
 
 fn one() -> u32 {
@@ -158,6 +161,7 @@ impl Default for Aggr {
             burst: 1,
             tat: 0.0,
             rate_wait: None,
+            jobs: 0,
         }
     }
 }
@@ -453,6 +457,13 @@ impl<'t> W<'t> {
             }
         }
         Ok(())
+    }
+
+    /// PRELUDE `end_job`: a job of `a` left its download phase for good.
+    fn end_job(&mut self, a: &str) -> R<()> {
+        let mut ag = self.aggr(a)?;
+        ag.jobs = (ag.jobs - 1).max(0);
+        self.put_aggr(a, &ag)
     }
 
     fn dec_inflight(&mut self, a: &str) -> R<()> {
@@ -886,6 +897,7 @@ fn claim_downloads(
                 "dl_error",
                 format!("download abandoned: the worker running it was lost {lost} times"),
             );
+            w.end_job(&a)?;
             w.enqueue_callback(&id, &mut f, ABANDONED_KEEP_MS)?;
         } else {
             set(&mut f, "dl_state", state::PENDING);
@@ -1216,18 +1228,27 @@ impl EmbeddedStore {
 
 #[async_trait]
 impl Store for EmbeddedStore {
-    async fn submit(&self, id: &str, spec: &JobSpec) -> Result<()> {
+    async fn submit_with(&self, id: &str, spec: &JobSpec, settings: AggrSettings) -> Result<()> {
         let json = serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let (id, spec) = (id.to_string(), spec.clone());
         self.write(move |w| {
             if w.jobs.get(id.as_str())?.is_some() {
                 return Err(StoreError::Backend(format!("job id {id} already exists")).into());
             }
-            let a = spec.aggr_id.as_str();
+            let key = spec.aggr_key();
+            let a = key.as_str();
             let mut ag = w.aggr(a)?;
-            ag.limit = i64::from(spec.aggr_limit);
-            ag.proxy = spec.aggr_proxy.clone().unwrap_or_default();
-            let (rate, burst) = (spec.aggr_rate.unwrap_or(0.0), spec.aggr_burst.unwrap_or(1));
+            let keep = settings == AggrSettings::First && ag.jobs > 0;
+            ag.jobs += 1;
+            if !keep {
+                ag.limit = i64::from(spec.aggr_limit);
+                ag.proxy = spec.aggr_proxy.clone().unwrap_or_default();
+            }
+            let (rate, burst) = if keep {
+                (ag.rate, ag.burst)
+            } else {
+                (spec.aggr_rate.unwrap_or(0.0), spec.aggr_burst.unwrap_or(1))
+            };
             if (ag.rate, ag.burst) != (rate, burst) {
                 (ag.rate, ag.burst) = (rate, burst);
                 // A new rate: the next claim looks again.
@@ -1362,6 +1383,7 @@ impl Store for EmbeddedStore {
             set(&mut f, "finished_at", now);
             let a = f.get("aggr").cloned().unwrap_or_default();
             w.free_slot(&a)?;
+            w.end_job(&a)?;
             w.enqueue_callback(&id, &mut f, keep)?;
             w.put_job(&id, &f)?;
             Ok(true)
@@ -1619,7 +1641,7 @@ impl Store for EmbeddedStore {
                 let f: Fields = serde_json::from_str(v.value()).map_err(corrupt)?;
                 let mut rec = JobRecord::from_fields(&id, &f).map_err(corrupt)?;
                 if rec.queued()
-                    && let Some(v) = tx.open_table(AGGRS)?.get(rec.spec.aggr_id.as_str())?
+                    && let Some(v) = tx.open_table(AGGRS)?.get(rec.spec.aggr_key().as_str())?
                 {
                     let ag: Aggr = serde_json::from_str(v.value()).map_err(corrupt)?;
                     rec.note_aggr_rate_wait(ag.rate_wait);

@@ -160,11 +160,40 @@ impl Queue {
     }
 }
 
+/// What a submit does to the settings (limit, proxy, rate, burst) of an aggregation
+/// that already has jobs (`api.aggregation_settings`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AggrSettings {
+    /// The last job's settings win (the reference's behaviour).
+    #[default]
+    Last,
+    /// The first job's settings stay until the aggregation has no job left in its
+    /// download phase (pending, delayed or in flight); later jobs' settings are
+    /// ignored until then.
+    First,
+}
+
+impl AggrSettings {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AggrSettings::Last => "last",
+            AggrSettings::First => "first",
+        }
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Creates or updates the aggregation, stores the job and queues its download,
-    /// in one atomic step. Wakes a waiting processor.
-    async fn submit(&self, id: &str, spec: &JobSpec) -> Result<()>;
+    /// Creates or updates the aggregation (as `settings` says), stores the job and
+    /// queues its download, in one atomic step. Wakes a waiting processor. The
+    /// aggregation is the spec's [`JobSpec::aggr_key`] (namespaced by tenant).
+    async fn submit_with(&self, id: &str, spec: &JobSpec, settings: AggrSettings) -> Result<()>;
+
+    /// `submit_with` where the last job's settings win.
+    async fn submit(&self, id: &str, spec: &JobSpec) -> Result<()> {
+        self.submit_with(id, spec, AggrSettings::Last).await
+    }
 
     /// Claims up to `max` jobs of `queue` in one atomic step, each holding a lease of
     /// `lease`: downloads only from aggregations under their limit. Also promotes due

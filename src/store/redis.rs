@@ -15,8 +15,8 @@ use redis::{AsyncCommands, Script, Value};
 use tokio::sync::Mutex;
 
 use super::{
-    AggrSummary, Claimed, DownloadResult, HOST_PARK_FALLBACK, HostLimits, HostPermit, Queue,
-    Result, RetryCallback, Store, StoreError, WaitReason, millis,
+    AggrSettings, AggrSummary, Claimed, DownloadResult, HOST_PARK_FALLBACK, HostLimits, HostPermit,
+    Queue, Result, RetryCallback, Store, StoreError, WaitReason, millis,
 };
 use crate::config::RedisConfig;
 use crate::job::{JobRecord, JobSpec};
@@ -57,6 +57,11 @@ local function free_slot(a)
   local ak = P..'aggr:'..a
   if redis.call('HINCRBY', ak, 'inflight', -1) < 0 then redis.call('HSET', ak, 'inflight', 0) end
   if refresh(a) then wake('dl') end
+end
+-- A job of `a` left its download phase for good (succeeded or failed).
+local function end_job(a)
+  local ak = P..'aggr:'..a
+  if redis.call('HINCRBY', ak, 'jobs', -1) < 0 then redis.call('HSET', ak, 'jobs', 0) end
 end
 -- GCRA (the generic cell rate algorithm) on the theoretical arrival time kept in
 -- `key` (ms, expiring once it is in the past, so an idle limiter leaves no key).
@@ -127,16 +132,20 @@ fn script(body: &str) -> Script {
 static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local id, spec, a, limit, proxy, has_cb, rate, burst, host = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local id, spec, a, limit, proxy, has_cb, rate, burst, host, first = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10] == '1'
 local k = P..'job:'..id
 if redis.call('EXISTS', k) == 1 then return 0 end
 local ak = P..'aggr:'..a
-local old = redis.call('HMGET', ak, 'rate', 'burst')
-redis.call('HSET', ak, 'limit', limit, 'proxy', proxy, 'rate', rate, 'burst', burst)
--- A new rate: the next claim looks again.
-if tonumber(old[1] or '0') ~= tonumber(rate) or tonumber(old[2] or '1') ~= tonumber(burst) then
-  redis.call('ZREM', P..'ratewait', a)
+local old = redis.call('HMGET', ak, 'rate', 'burst', 'jobs')
+-- api.aggregation_settings = first: an aggregation with jobs keeps its settings.
+if not (first and tonumber(old[3] or '0') > 0) then
+  redis.call('HSET', ak, 'limit', limit, 'proxy', proxy, 'rate', rate, 'burst', burst)
+  -- A new rate: the next claim looks again.
+  if tonumber(old[1] or '0') ~= tonumber(rate) or tonumber(old[2] or '1') ~= tonumber(burst) then
+    redis.call('ZREM', P..'ratewait', a)
+  end
 end
+redis.call('HINCRBY', ak, 'jobs', 1)
 redis.call('HSET', k, 'spec', spec, 'aggr', a, 'has_cb', has_cb, 'dl_state', 'Pending',
   'dl_attempts', 0, 'created_at', n2s(now_ms()), 'url_host', host)
 redis.call('RPUSH', P..'pending:'..a, id)
@@ -178,6 +187,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P..'dl:leases', '-inf', now, 'LI
     if lost > max_lost then
       redis.call('HSET', k, 'dl_state', 'Failed', 'finished_at', n2s(now),
         'dl_error', 'download abandoned: the worker running it was lost ' .. lost .. ' times')
+      end_job(a)
       enqueue_callback(id, now, keep)
     else
       redis.call('HSET', k, 'dl_state', 'Pending')
@@ -332,7 +342,9 @@ redis.call('HDEL', k, 'dl_lease')
 free_host(k, id)
 redis.call('HSET', k, 'dl_state', st, 'dl_error', err, 'response_code', code, 'image_size', size,
   'thumbs', thumbs, 'finished_at', n2s(now))
-free_slot(redis.call('HGET', k, 'aggr'))
+local a = redis.call('HGET', k, 'aggr')
+free_slot(a)
+end_job(a)
 enqueue_callback(id, now, keep)
 return 1
 "#,
@@ -674,7 +686,7 @@ fn parse_claims(v: Value, token: &str) -> Result<(Vec<Claimed>, Option<Duration>
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn submit(&self, id: &str, spec: &JobSpec) -> Result<()> {
+    async fn submit_with(&self, id: &str, spec: &JobSpec, settings: AggrSettings) -> Result<()> {
         let json = serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let created: i64 = self
             .run(
@@ -682,13 +694,18 @@ impl Store for RedisStore {
                     .key(&self.prefix)
                     .arg(id)
                     .arg(json)
-                    .arg(&spec.aggr_id)
+                    .arg(spec.aggr_key())
                     .arg(spec.aggr_limit)
                     .arg(spec.aggr_proxy.as_deref().unwrap_or(""))
                     .arg(if spec.callback.is_some() { "1" } else { "0" })
                     .arg(spec.aggr_rate.unwrap_or(0.0))
                     .arg(spec.aggr_burst.unwrap_or(1))
-                    .arg(spec.host()),
+                    .arg(spec.host())
+                    .arg(if settings == AggrSettings::First {
+                        "1"
+                    } else {
+                        "0"
+                    }),
             )
             .await?;
         if created == 1 {
@@ -948,7 +965,7 @@ impl Store for RedisStore {
         let mut rec = JobRecord::from_fields(id, &map).map_err(StoreError::Corrupt)?;
         if rec.queued() {
             let wait: Option<f64> = conn
-                .zscore(self.key("ratewait"), &rec.spec.aggr_id)
+                .zscore(self.key("ratewait"), rec.spec.aggr_key())
                 .await
                 .map_err(backend)?;
             rec.note_aggr_rate_wait(wait.map(|w| w as u64));

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,10 +16,12 @@ use serde_json::json;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::job::{JobSpec, is_valid_id, new_id};
-use crate::store::{RetryCallback, Store};
+use crate::job::{JobSpec, TENANT_MARK, is_valid_id, new_id};
+use crate::store::{AggrSettings, RetryCallback, Store};
 
+pub mod guard;
 pub mod ops;
+pub use guard::{Caller, Guard};
 pub mod server;
 pub use server::{Limits, serve};
 
@@ -31,6 +33,10 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub heartbeat_path: Option<PathBuf>,
     pub info: Arc<Info>,
+    /// Tokens, public endpoints and allowed origins (`api.*`).
+    pub guard: Arc<Guard>,
+    /// `api.aggregation_settings`.
+    pub aggr_settings: AggrSettings,
 }
 
 /// What `GET /info` reports about this process.
@@ -106,6 +112,7 @@ pub fn router(
         state.store.clone(),
         Some(thumbnailer.clone()),
     );
+    let guard = state.guard.clone();
     // POST /thumbnail brings its own state and body limit.
     let mut r = api
         .with_state(state)
@@ -115,13 +122,19 @@ pub fn router(
         // ServeDir refuses `..`, encoded or not, and never leaves `root`.
         r = r.nest_service("/files", tower_http::services::ServeDir::new(root));
     }
-    logged(r)
+    logged(guarded(r, guard))
 }
 
 /// The admin listener's routes (`/metrics`, `/healthz`, `/info`) of `processor` and
-/// `notifier`, logged like the API's.
-pub fn admin_router(state: ops::OpsState) -> Router {
-    logged(ops::router(state))
+/// `notifier`, guarded and logged like the API's.
+pub fn admin_router(state: ops::OpsState, guard: Arc<Guard>) -> Router {
+    logged(guarded(ops::router(state), guard))
+}
+
+/// Puts every route, the fallbacks included, behind the guard (inside the logging
+/// layers, so that refusals are logged with their request id).
+fn guarded(r: Router, guard: Arc<Guard>) -> Router {
+    r.layer(axum::middleware::from_fn_with_state(guard, guard::check))
 }
 
 /// Adds request ids, a log line at each request's start and end, and JSON 404/405s.
@@ -172,17 +185,52 @@ fn logged(mut r: Router) -> Router {
     .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
 }
 
-async fn submit(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn submit(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     let body = body.map_err(body_error)?;
-    let spec = JobSpec::from_json(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.0))?;
+    let mut spec = JobSpec::from_json(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.0))?;
+    spec.tenant = caller.tenant;
     let id = new_id();
-    s.store.submit(&id, &spec).await?;
+    s.store.submit_with(&id, &spec, s.aggr_settings).await?;
     crate::metrics::metrics().jobs_submitted.inc();
-    tracing::info!(job_id = %id, aggr_id = %spec.aggr_id, url = %spec.url, "job submitted");
+    tracing::info!(
+        job_id = %id,
+        aggr_id = %spec.aggr_id,
+        tenant = spec.tenant.as_deref().unwrap_or_default(),
+        url = %spec.url,
+        "job submitted"
+    );
     Ok((StatusCode::CREATED, axum::Json(json!({ "id": id }))).into_response())
 }
 
-async fn retry(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+/// The job, if it exists and is the caller's to see (another tenant's job is as
+/// unknown as one that never existed).
+async fn visible_job(
+    s: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<crate::job::JobRecord, ApiError> {
+    let not_found = || ApiError(StatusCode::NOT_FOUND, format!("job {id} not found"));
+    if !is_valid_id(id) {
+        return Err(not_found());
+    }
+    match s.store.get_job(id).await? {
+        Some(rec) if caller.sees(rec.spec.tenant.as_deref()) => Ok(rec),
+        _ => Err(not_found()),
+    }
+}
+
+async fn retry(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    if !caller.all_tenants {
+        visible_job(&s, &caller, &id).await?;
+    }
     match s.store.requeue_callback(&id).await? {
         RetryCallback::Requeued => {
             tracing::info!(job_id = %id, "callback requeued");
@@ -231,36 +279,39 @@ async fn stats(State(s): State<AppState>, Path(component): Path<String>) -> ApiR
     }
 }
 
-async fn aggregations(State(s): State<AppState>) -> ApiResult {
+async fn aggregations(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
+    // A tenant sees its own aggregations, under the names it gave them.
+    let own = caller.tenant.as_ref().map(|t| format!("{TENANT_MARK}{t}/"));
     let list: Vec<_> = s
         .store
         .aggregations()
         .await?
         .into_iter()
-        .map(|a| {
-            let mut v = json!({ "name": format!("jobs:{}", a.name), "size": a.pending });
+        .filter_map(|a| {
+            let name = match &own {
+                _ if caller.all_tenants => a.name.clone(),
+                Some(prefix) => a.name.strip_prefix(prefix.as_str())?.to_string(),
+                None => return None,
+            };
+            let mut v = json!({ "name": format!("jobs:{name}"), "size": a.pending });
             if let Some(until) = a.rate_wait_until {
                 v["waiting_for"] = json!("aggr_rate");
                 v["rate_wait_until"] = json!(until);
             }
-            v
+            Some(v)
         })
         .collect();
     Ok(axum::Json(list).into_response())
 }
 
-async fn job(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    if !is_valid_id(&id) {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("job {id} not found"),
-        ));
-    }
-    match s.store.get_job(&id).await? {
-        Some(rec) => Ok(axum::Json(rec).into_response()),
-        None => Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("job {id} not found"),
-        )),
-    }
+async fn job(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let rec = visible_job(&s, &caller, &id).await?;
+    Ok(axum::Json(rec).into_response())
 }
