@@ -63,6 +63,7 @@ impl Info {
 }
 
 /// A JSON error: `{"error": "..."}` with its status.
+#[derive(Debug)]
 pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
@@ -131,13 +132,21 @@ pub fn admin_router(state: ops::OpsState, guard: Arc<Guard>) -> Router {
     logged(guarded(ops::router(state), guard))
 }
 
-/// Puts every route, the fallbacks included, behind the guard (inside the logging
-/// layers, so that refusals are logged with their request id).
+/// Adds JSON 404/405 fallbacks and puts every route, the fallbacks included, behind
+/// the guard (inside the logging layers, so that refusals are logged with their
+/// request id). Layers wrap only what exists when they are added: fallbacks first.
 fn guarded(r: Router, guard: Arc<Guard>) -> Router {
-    r.layer(axum::middleware::from_fn_with_state(guard, guard::check))
+    r.method_not_allowed_fallback(|| async {
+        ApiError(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Invalid request method".into(),
+        )
+    })
+    .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+    .layer(axum::middleware::from_fn_with_state(guard, guard::check))
 }
 
-/// Adds request ids, a log line at each request's start and end, and JSON 404/405s.
+/// Adds request ids and a log line at each request's start and end.
 fn logged(mut r: Router) -> Router {
     let request_id = axum::http::HeaderName::from_static("x-request-id");
     // Connections run in tasks of their own: parent request spans explicitly on the
@@ -176,13 +185,7 @@ fn logged(mut r: Router) -> Router {
         )
         // Outermost: an incoming X-Request-Id is kept, else one is made.
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
-    r.method_not_allowed_fallback(|| async {
-        ApiError(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "Invalid request method".into(),
-        )
-    })
-    .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+    r
 }
 
 async fn submit(

@@ -18,6 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
+pub mod serve;
+
 pub const REDIS_ADDR: &str = "127.0.0.1:6379";
 
 /// Fails (never skips) when no Redis answers, saying how to start one.
