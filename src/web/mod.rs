@@ -161,8 +161,12 @@ fn logged(mut r: Router) -> Router {
                     },
                 ),
         )
-        // Outermost: an incoming X-Request-Id is kept, else one is made.
-        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
+        // An incoming X-Request-Id is kept, else one is made (a UUID)...
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        // ...but outermost, one we would not keep is dropped first.
+        .layer(tower::util::MapRequestLayer::new(
+            drop_unacceptable_request_id::<axum::body::Body>,
+        ));
     r.method_not_allowed_fallback(|| async {
         ApiError(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -170,6 +174,33 @@ fn logged(mut r: Router) -> Router {
         )
     })
     .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+}
+
+/// Longest `X-Request-Id` kept from a client.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Whether a client's `X-Request-Id` is kept (logged with each of the request's lines
+/// and echoed): 1 to [`MAX_REQUEST_ID_LEN`] characters from `A-Z a-z 0-9 - _ . : + / =`,
+/// enough for UUIDs, ULIDs, base64 and `host:pid:n` ids, with nothing a log line or
+/// header would need to quote or escape. Anything else is replaced by a new id.
+pub fn is_acceptable_request_id(v: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&v.len())
+        && v.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-_.:+/=".contains(&b))
+}
+
+/// Removes the request's `X-Request-Id` unless it is one acceptable value (two
+/// values are ambiguous), so that `SetRequestIdLayer` makes a new one.
+fn drop_unacceptable_request_id<B>(mut req: axum::http::Request<B>) -> axum::http::Request<B> {
+    let mut values = req.headers().get_all("x-request-id").iter();
+    let keep = matches!(
+        (values.next(), values.next()),
+        (Some(v), None) if is_acceptable_request_id(v.as_bytes())
+    );
+    if !keep {
+        req.headers_mut().remove("x-request-id");
+    }
+    req
 }
 
 async fn submit(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
@@ -262,5 +293,55 @@ async fn job(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
             StatusCode::NOT_FOUND,
             format!("job {id} not found"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_rule() {
+        for ok in [
+            "a",
+            "0b5c9e0e-6f5e-4c7a-9b1e-2f4d6c8a0e1f",
+            "01HZX3J4K5M6N7P8Q9R0S1T2V3",
+            "tGnfn2eSHqMyMmJ4lumHxA==",
+            "web-1:4242:17",
+            "a.b_c/d+e",
+        ] {
+            assert!(is_acceptable_request_id(ok.as_bytes()), "{ok}");
+        }
+        assert!(is_acceptable_request_id("x".repeat(128).as_bytes()));
+        for bad in [
+            String::new(),
+            "x".repeat(129),
+            "x".repeat(1024),
+            "a b".into(),
+            "a\nb".into(),
+            "a\x1b[31m".into(),
+            "a\"b".into(),
+            "ä".into(),
+            "a;b".into(),
+        ] {
+            assert!(!is_acceptable_request_id(bad.as_bytes()), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn unacceptable_or_repeated_request_ids_are_dropped() {
+        let req = |ids: &[&str]| {
+            let mut b = axum::http::Request::builder();
+            for id in ids {
+                b = b.header("x-request-id", *id);
+            }
+            drop_unacceptable_request_id(b.body(()).unwrap())
+        };
+        let ids = |r: &axum::http::Request<()>| r.headers().get_all("x-request-id").iter().count();
+        let r = req(&["abc-123"]);
+        assert_eq!(r.headers()["x-request-id"], "abc-123");
+        assert_eq!(ids(&req(&[&"x".repeat(200)])), 0);
+        assert_eq!(ids(&req(&["a", "b"])), 0);
+        assert_eq!(ids(&req(&[])), 0);
     }
 }
