@@ -107,6 +107,10 @@ pub struct ApiConfig {
     pub body_timeout_secs: f64,
     /// Seconds shutdown waits for open connections to finish.
     pub shutdown_grace_secs: f64,
+    /// Most `request_headers` entries one job may set.
+    pub max_request_headers: usize,
+    /// Most bytes of `request_headers` names and values one job may set.
+    pub max_request_headers_bytes: usize,
 }
 
 impl Default for ApiConfig {
@@ -117,11 +121,21 @@ impl Default for ApiConfig {
             header_timeout_secs: 30.0,
             body_timeout_secs: 30.0,
             shutdown_grace_secs: 30.0,
+            max_request_headers: crate::job::DEFAULT_MAX_REQUEST_HEADERS,
+            max_request_headers_bytes: crate::job::DEFAULT_MAX_REQUEST_HEADERS_BYTES,
         }
     }
 }
 
 impl ApiConfig {
+    /// What `POST /download` accepts besides the body size.
+    pub fn submit_limits(&self) -> crate::job::SubmitLimits {
+        crate::job::SubmitLimits {
+            max_request_headers: self.max_request_headers,
+            max_request_headers_bytes: self.max_request_headers_bytes,
+        }
+    }
+
     /// The server's timeouts.
     pub fn limits(&self) -> crate::web::Limits {
         crate::web::Limits {
@@ -424,6 +438,11 @@ impl Config {
             }
         }
         for (name, value) in &self.processor.request_headers {
+            if crate::job::is_forbidden_request_header(name) {
+                return Err(format!(
+                    "key `processor.request_headers.{name}`: may not be set (a hop-by-hop header, or one the HTTP client sets itself)"
+                ));
+            }
             if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
                 || reqwest::header::HeaderValue::from_str(value).is_err()
             {
@@ -590,6 +609,17 @@ mod tests {
         assert!(e.to_string().contains("disk_low_watermark_percent"), "{e}");
         let e = parse(r#"{"processor":{"disk_check_interval_ms":0}}"#).unwrap_err();
         assert!(e.to_string().contains("disk_check_interval_ms"), "{e}");
+        for name in ["Host", "connection", "Transfer-Encoding", "Content-Length"] {
+            let e = parse(&format!(
+                r#"{{"processor":{{"request_headers":{{"{name}":"x"}}}}}}"#
+            ))
+            .unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("processor.request_headers.{name}")),
+                "{e}"
+            );
+        }
         let e = parse(r#"{"notifier":{"admin_addr":"localhost"}}"#).unwrap_err();
         assert!(e.to_string().contains("notifier.admin_addr"), "{e}");
         let ok = parse(

@@ -202,6 +202,7 @@ async fn web(
     let state = downloader::web::AppState {
         store,
         heartbeat_path: cfg.api.heartbeat_path.clone(),
+        submit_limits: cfg.api.submit_limits(),
         info: Arc::new(Info::new(vec!["web"], cfg.store_kind().name())),
     };
     let thumbnailer = Arc::new(Thumbnailer::new(cfg.thumbnail.clone()));
@@ -243,6 +244,7 @@ async fn serve(
     let state = downloader::web::AppState {
         store,
         heartbeat_path: cfg.api.heartbeat_path.clone(),
+        submit_limits: cfg.api.submit_limits(),
         info: Arc::new(Info::new(
             vec!["web", "processor", "notifier"],
             cfg.store_kind().name(),

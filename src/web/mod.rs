@@ -31,6 +31,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub heartbeat_path: Option<PathBuf>,
     pub info: Arc<Info>,
+    /// `request_headers` caps of `POST /download` (`api.max_request_headers*`).
+    pub submit_limits: crate::job::SubmitLimits,
 }
 
 /// What `GET /info` reports about this process.
@@ -205,7 +207,8 @@ fn drop_unacceptable_request_id<B>(mut req: axum::http::Request<B>) -> axum::htt
 
 async fn submit(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
     let body = body.map_err(body_error)?;
-    let spec = JobSpec::from_json(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.0))?;
+    let spec = JobSpec::from_json_with(&body, &s.submit_limits)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.0))?;
     let id = new_id();
     s.store.submit(&id, &spec).await?;
     crate::metrics::metrics().jobs_submitted.inc();
