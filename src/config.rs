@@ -38,6 +38,10 @@ pub struct Config {
     pub log: crate::logging::LogConfig,
     #[serde(skip)]
     has_redis_section: bool,
+    /// Keys of the file that were ignored (unknown), for the component to log once
+    /// its logging is set up: `parse` runs before that.
+    #[serde(skip)]
+    pub ignored_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -281,6 +285,13 @@ fn err(file: &Path, message: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
+    /// Logs a warning for each ignored key of the file at `path`. Call once logging is set up.
+    pub fn warn_ignored_keys(&self, path: &Path) {
+        for key in &self.ignored_keys {
+            tracing::warn!(file = %path.display(), key = %key, "unknown config key ignored");
+        }
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -304,9 +315,7 @@ impl Config {
             let key = e.path().to_string();
             err(path, format!("key `{key}`: {}", e.inner()))
         })?;
-        for key in ignored {
-            tracing::warn!(file = %path.display(), key, "unknown config key ignored");
-        }
+        cfg.ignored_keys = ignored;
         cfg.has_redis_section = value.get("redis").is_some();
         cfg.validate().map_err(|m| err(path, m))?;
         Ok(cfg)
@@ -627,6 +636,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.processor.admin_addr.as_deref(), Some("127.0.0.1:9101"));
+    }
+
+    #[test]
+    fn unknown_keys_are_kept_for_the_log() {
+        let cfg =
+            parse(r#"{"api":{"max_request_header":3},"procesor":{},"backends":{"kafka":{"x":1}}}"#)
+                .unwrap();
+        assert_eq!(cfg.ignored_keys, ["api.max_request_header", "procesor"]);
+        assert!(parse("{}").unwrap().ignored_keys.is_empty());
     }
 
     #[test]

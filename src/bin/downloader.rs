@@ -120,6 +120,10 @@ fn main() -> ExitCode {
         component = cli.command.name(),
         host = %downloader::logging::hostname()
     );
+    // Config::parse runs before logging is set up: its warnings are logged now.
+    if let (Some(cfg), Some(path)) = (&cfg, &config_path) {
+        span.in_scope(|| cfg.warn_ignored_keys(path));
+    }
     runtime.block_on(tracing::Instrument::instrument(
         run(cli.command, cfg, activated),
         span,
