@@ -19,6 +19,7 @@ use tower_http::trace::TraceLayer;
 use crate::job::{JobSpec, is_valid_id, new_id};
 use crate::store::{RetryCallback, Store};
 
+pub mod files;
 pub mod ops;
 pub mod server;
 pub use server::{Limits, serve};
@@ -114,8 +115,8 @@ pub fn router(
         .merge(ops::router(ops))
         .merge(crate::thumbnail::http::router(thumbnailer));
     if let Some(root) = files {
-        // ServeDir refuses `..`, encoded or not, and never leaves `root`.
-        r = r.nest_service("/files", tower_http::services::ServeDir::new(root));
+        // Refuses `..`, encoded or not, and symlinks out of `root`.
+        r = r.nest_service("/files", files::service(root));
     }
     logged(r)
 }
