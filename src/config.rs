@@ -38,6 +38,10 @@ pub struct Config {
     pub log: crate::logging::LogConfig,
     #[serde(skip)]
     has_redis_section: bool,
+    /// Keys of the file that were ignored (unknown), for the component to log once
+    /// its logging is set up: `parse` runs before that.
+    #[serde(skip)]
+    pub ignored_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -119,6 +123,10 @@ pub struct ApiConfig {
     /// Whose settings an aggregation keeps: `last` (every job's, the reference's) or
     /// `first` (the first job's, until the aggregation has no job left).
     pub aggregation_settings: crate::store::AggrSettings,
+    /// Most `request_headers` entries one job may set.
+    pub max_request_headers: usize,
+    /// Most bytes of `request_headers` names and values one job may set.
+    pub max_request_headers_bytes: usize,
 }
 
 /// Endpoints `api.public_endpoints` may open.
@@ -136,11 +144,21 @@ impl Default for ApiConfig {
             public_endpoints: Vec::new(),
             allowed_origins: Vec::new(),
             aggregation_settings: crate::store::AggrSettings::Last,
+            max_request_headers: crate::job::DEFAULT_MAX_REQUEST_HEADERS,
+            max_request_headers_bytes: crate::job::DEFAULT_MAX_REQUEST_HEADERS_BYTES,
         }
     }
 }
 
 impl ApiConfig {
+    /// What `POST /download` accepts besides the body size.
+    pub fn submit_limits(&self) -> crate::job::SubmitLimits {
+        crate::job::SubmitLimits {
+            max_request_headers: self.max_request_headers,
+            max_request_headers_bytes: self.max_request_headers_bytes,
+        }
+    }
+
     /// The server's timeouts.
     pub fn limits(&self) -> crate::web::Limits {
         crate::web::Limits {
@@ -286,6 +304,13 @@ fn err(file: &Path, message: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
+    /// Logs a warning for each ignored key of the file at `path`. Call once logging is set up.
+    pub fn warn_ignored_keys(&self, path: &Path) {
+        for key in &self.ignored_keys {
+            tracing::warn!(file = %path.display(), key = %key, "unknown config key ignored");
+        }
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -309,9 +334,7 @@ impl Config {
             let key = e.path().to_string();
             err(path, format!("key `{key}`: {}", e.inner()))
         })?;
-        for key in ignored {
-            tracing::warn!(file = %path.display(), key, "unknown config key ignored");
-        }
+        cfg.ignored_keys = ignored;
         cfg.has_redis_section = value.get("redis").is_some();
         cfg.validate().map_err(|m| err(path, m))?;
         Ok(cfg)
@@ -455,6 +478,11 @@ impl Config {
             }
         }
         for (name, value) in &self.processor.request_headers {
+            if crate::job::is_forbidden_request_header(name) {
+                return Err(format!(
+                    "key `processor.request_headers.{name}`: may not be set (a hop-by-hop header, or one the HTTP client sets itself)"
+                ));
+            }
             if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
                 || reqwest::header::HeaderValue::from_str(value).is_err()
             {
@@ -621,6 +649,17 @@ mod tests {
         assert!(e.to_string().contains("disk_low_watermark_percent"), "{e}");
         let e = parse(r#"{"processor":{"disk_check_interval_ms":0}}"#).unwrap_err();
         assert!(e.to_string().contains("disk_check_interval_ms"), "{e}");
+        for name in ["Host", "connection", "Transfer-Encoding", "Content-Length"] {
+            let e = parse(&format!(
+                r#"{{"processor":{{"request_headers":{{"{name}":"x"}}}}}}"#
+            ))
+            .unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("processor.request_headers.{name}")),
+                "{e}"
+            );
+        }
         let e = parse(r#"{"notifier":{"admin_addr":"localhost"}}"#).unwrap_err();
         assert!(e.to_string().contains("notifier.admin_addr"), "{e}");
         let ok = parse(
@@ -628,6 +667,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.processor.admin_addr.as_deref(), Some("127.0.0.1:9101"));
+    }
+
+    #[test]
+    fn unknown_keys_are_kept_for_the_log() {
+        let cfg =
+            parse(r#"{"api":{"max_request_header":3},"procesor":{},"backends":{"kafka":{"x":1}}}"#)
+                .unwrap();
+        assert_eq!(cfg.ignored_keys, ["api.max_request_header", "procesor"]);
+        assert!(parse("{}").unwrap().ignored_keys.is_empty());
     }
 
     #[test]

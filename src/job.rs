@@ -163,10 +163,65 @@ fn short(v: &Value) -> String {
     }
 }
 
+/// `request_headers` entries a job may set by default (`api.max_request_headers`).
+pub const DEFAULT_MAX_REQUEST_HEADERS: usize = 32;
+/// Bytes of `request_headers` names and values a job may set by default
+/// (`api.max_request_headers_bytes`).
+pub const DEFAULT_MAX_REQUEST_HEADERS_BYTES: usize = 8192;
+
+/// Limits on a `POST /download` body besides its size: the `api.*` keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubmitLimits {
+    /// Most `request_headers` entries.
+    pub max_request_headers: usize,
+    /// Most bytes of `request_headers` names and values together.
+    pub max_request_headers_bytes: usize,
+}
+
+impl Default for SubmitLimits {
+    fn default() -> Self {
+        SubmitLimits {
+            max_request_headers: DEFAULT_MAX_REQUEST_HEADERS,
+            max_request_headers_bytes: DEFAULT_MAX_REQUEST_HEADERS_BYTES,
+        }
+    }
+}
+
+/// Download request headers that neither a job's `request_headers` nor the config's
+/// `processor.request_headers` may set (lower case): the hop-by-hop headers, which
+/// belong to one connection and would confuse it or a proxy, and `Host` and
+/// `Content-Length`, which the HTTP client derives from the URL and the request (an
+/// override would send the request to one virtual host under another's name).
+pub const FORBIDDEN_REQUEST_HEADERS: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+/// Whether `name` is one of [`FORBIDDEN_REQUEST_HEADERS`], in any case.
+pub fn is_forbidden_request_header(name: &str) -> bool {
+    FORBIDDEN_REQUEST_HEADERS
+        .iter()
+        .any(|f| f.eq_ignore_ascii_case(name))
+}
+
 impl JobSpec {
+    /// Validates a `POST /download` body under the default [`SubmitLimits`].
+    pub fn from_json(body: &[u8]) -> Result<JobSpec, ValidationError> {
+        JobSpec::from_json_with(body, &SubmitLimits::default())
+    }
+
     /// Validates a `POST /download` body. `supports_s3` and callback types other than
     /// `http` are refused with a message saying this server cannot serve them.
-    pub fn from_json(body: &[u8]) -> Result<JobSpec, ValidationError> {
+    pub fn from_json_with(body: &[u8], limits: &SubmitLimits) -> Result<JobSpec, ValidationError> {
         let value: Value = serde_json::from_slice(body)
             .map_err(|e| invalid(format!("request body is not valid JSON: {e}")))?;
         let Value::Object(obj) = value else {
@@ -305,6 +360,14 @@ impl JobSpec {
         match obj.get("request_headers") {
             None | Some(Value::Null) => {}
             Some(Value::Object(h)) => {
+                if h.len() > limits.max_request_headers {
+                    return Err(invalid(format!(
+                        "request_headers: at most {} headers, got {}",
+                        limits.max_request_headers,
+                        h.len()
+                    )));
+                }
+                let mut bytes = 0;
                 for (k, v) in h {
                     let v = match v {
                         Value::String(s) => s.clone(),
@@ -325,7 +388,19 @@ impl JobSpec {
                             "request_headers.{k}: not a valid header value"
                         )));
                     }
+                    if is_forbidden_request_header(k) {
+                        return Err(invalid(format!(
+                            "request_headers: {k:?} may not be set (a hop-by-hop header, or one the HTTP client sets itself)"
+                        )));
+                    }
+                    bytes += k.len() + v.len();
                     request_headers.insert(k.clone(), v);
+                }
+                if bytes > limits.max_request_headers_bytes {
+                    return Err(invalid(format!(
+                        "request_headers: at most {} bytes of names and values, got {bytes}",
+                        limits.max_request_headers_bytes
+                    )));
                 }
             }
             Some(_) => return Err(invalid("request_headers must be an object")),
@@ -693,6 +768,91 @@ mod tests {
         for (body, field) in cases {
             let e = spec(body).unwrap_err().0;
             assert!(e.contains(field), "{body}: {e}");
+        }
+    }
+
+    fn with_headers(headers: Value, limits: &SubmitLimits) -> Result<JobSpec, ValidationError> {
+        let mut body: Value = serde_json::from_str(OK).unwrap();
+        body["request_headers"] = headers;
+        JobSpec::from_json_with(body.to_string().as_bytes(), limits)
+    }
+
+    #[test]
+    fn request_headers_are_capped_in_count_and_bytes() {
+        let d = SubmitLimits::default();
+        let n = |count: usize| {
+            Value::Object(
+                (0..count)
+                    .map(|i| (format!("X-H{i}"), Value::from("v")))
+                    .collect(),
+            )
+        };
+        assert_eq!(with_headers(n(32), &d).unwrap().request_headers.len(), 32);
+        let e = with_headers(n(33), &d).unwrap_err().0;
+        assert!(e.contains("request_headers") && e.contains("32"), "{e}");
+        // 20,000 headers, as measured: refused by count.
+        let e = with_headers(n(20_000), &d).unwrap_err().0;
+        assert!(e.contains("at most 32 headers, got 20000"), "{e}");
+
+        // Bytes: names and values together. "X-Big" (5) + 8187 = 8192 passes.
+        let big = |len: usize| serde_json::json!({ "X-Big": "v".repeat(len) });
+        assert!(with_headers(big(8187), &d).is_ok());
+        let e = with_headers(big(8188), &d).unwrap_err().0;
+        assert!(e.contains("request_headers") && e.contains("8192"), "{e}");
+        // Integer values count as their digits.
+        let tight = SubmitLimits {
+            max_request_headers: 2,
+            max_request_headers_bytes: 6,
+        };
+        assert!(with_headers(serde_json::json!({"A": 12345}), &tight).is_ok());
+        assert!(with_headers(serde_json::json!({"A": 123456}), &tight).is_err());
+        let e = with_headers(serde_json::json!({"A": "1", "B": "2", "C": "3"}), &tight)
+            .unwrap_err()
+            .0;
+        assert!(e.contains("at most 2 headers"), "{e}");
+        // The default-limits form is the same as the defaults passed.
+        assert_eq!(
+            JobSpec::from_json(OK.as_bytes()).unwrap(),
+            JobSpec::from_json_with(OK.as_bytes(), &d).unwrap()
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_host_and_content_length_headers_are_refused() {
+        for name in [
+            "Connection",
+            "keep-alive",
+            "Proxy-Connection",
+            "PROXY-AUTHENTICATE",
+            "Proxy-Authorization",
+            "TE",
+            "Trailer",
+            "Transfer-Encoding",
+            "Upgrade",
+            "Host",
+            "host",
+            "Content-Length",
+        ] {
+            let e = with_headers(serde_json::json!({ name: "x" }), &SubmitLimits::default())
+                .unwrap_err()
+                .0;
+            assert!(
+                e.contains("request_headers") && e.contains(&format!("{name:?}")),
+                "{name}: {e}"
+            );
+        }
+        for ok in [
+            "Accept",
+            "User-Agent",
+            "Authorization",
+            "Cookie",
+            "X-Host",
+            "Referer",
+        ] {
+            assert!(
+                with_headers(serde_json::json!({ ok: "x" }), &SubmitLimits::default()).is_ok(),
+                "{ok}"
+            );
         }
     }
 

@@ -163,6 +163,10 @@ fn main() -> ExitCode {
         component = cli.command.name(),
         host = %downloader::logging::hostname()
     );
+    // Config::parse runs before logging is set up: its warnings are logged now.
+    if let (Some(cfg), Some(path)) = (&cfg, &config_path) {
+        span.in_scope(|| cfg.warn_ignored_keys(path));
+    }
     runtime.block_on(tracing::Instrument::instrument(
         run(cli.command, cfg, activated),
         span,
@@ -247,6 +251,7 @@ async fn web(
     let state = downloader::web::AppState {
         store,
         heartbeat_path: cfg.api.heartbeat_path.clone(),
+        submit_limits: cfg.api.submit_limits(),
         info: Arc::new(Info::new(vec!["web"], cfg.store_kind().name())),
         guard,
         aggr_settings: cfg.api.aggregation_settings,
@@ -291,6 +296,7 @@ async fn serve(
     let state = downloader::web::AppState {
         store,
         heartbeat_path: cfg.api.heartbeat_path.clone(),
+        submit_limits: cfg.api.submit_limits(),
         info: Arc::new(Info::new(
             vec!["web", "processor", "notifier"],
             cfg.store_kind().name(),

@@ -19,6 +19,7 @@ use tower_http::trace::TraceLayer;
 use crate::job::{JobSpec, TENANT_MARK, is_valid_id, new_id};
 use crate::store::{AggrSettings, RetryCallback, Store};
 
+pub mod files;
 pub mod guard;
 pub mod ops;
 pub use guard::{Caller, Guard};
@@ -37,6 +38,8 @@ pub struct AppState {
     pub guard: Arc<Guard>,
     /// `api.aggregation_settings`.
     pub aggr_settings: AggrSettings,
+    /// `request_headers` caps of `POST /download` (`api.max_request_headers*`).
+    pub submit_limits: crate::job::SubmitLimits,
 }
 
 /// What `GET /info` reports about this process.
@@ -120,8 +123,8 @@ pub fn router(
         .merge(ops::router(ops))
         .merge(crate::thumbnail::http::router(thumbnailer));
     if let Some(root) = files {
-        // ServeDir refuses `..`, encoded or not, and never leaves `root`.
-        r = r.nest_service("/files", tower_http::services::ServeDir::new(root));
+        // Refuses `..`, encoded or not, and symlinks out of `root`.
+        r = r.nest_service("/files", files::service(root));
     }
     logged(guarded(r, guard))
 }
@@ -183,9 +186,39 @@ fn logged(mut r: Router) -> Router {
                     },
                 ),
         )
-        // Outermost: an incoming X-Request-Id is kept, else one is made.
-        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
+        // An incoming X-Request-Id is kept, else one is made (a UUID)...
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        // ...but outermost, one we would not keep is dropped first.
+        .layer(tower::util::MapRequestLayer::new(
+            drop_unacceptable_request_id::<axum::body::Body>,
+        ));
     r
+}
+/// Longest `X-Request-Id` kept from a client.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Whether a client's `X-Request-Id` is kept (logged with each of the request's lines
+/// and echoed): 1 to [`MAX_REQUEST_ID_LEN`] characters from `A-Z a-z 0-9 - _ . : + / =`,
+/// enough for UUIDs, ULIDs, base64 and `host:pid:n` ids, with nothing a log line or
+/// header would need to quote or escape. Anything else is replaced by a new id.
+pub fn is_acceptable_request_id(v: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&v.len())
+        && v.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-_.:+/=".contains(&b))
+}
+
+/// Removes the request's `X-Request-Id` unless it is one acceptable value (two
+/// values are ambiguous), so that `SetRequestIdLayer` makes a new one.
+fn drop_unacceptable_request_id<B>(mut req: axum::http::Request<B>) -> axum::http::Request<B> {
+    let mut values = req.headers().get_all("x-request-id").iter();
+    let keep = matches!(
+        (values.next(), values.next()),
+        (Some(v), None) if is_acceptable_request_id(v.as_bytes())
+    );
+    if !keep {
+        req.headers_mut().remove("x-request-id");
+    }
+    req
 }
 
 async fn submit(
@@ -194,7 +227,8 @@ async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let body = body.map_err(body_error)?;
-    let mut spec = JobSpec::from_json(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.0))?;
+    let mut spec = JobSpec::from_json_with(&body, &s.submit_limits)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.0))?;
     spec.tenant = caller.tenant;
     let id = new_id();
     s.store.submit_with(&id, &spec, s.aggr_settings).await?;
@@ -317,4 +351,54 @@ async fn job(
 ) -> ApiResult {
     let rec = visible_job(&s, &caller, &id).await?;
     Ok(axum::Json(rec).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_rule() {
+        for ok in [
+            "a",
+            "0b5c9e0e-6f5e-4c7a-9b1e-2f4d6c8a0e1f",
+            "01HZX3J4K5M6N7P8Q9R0S1T2V3",
+            "tGnfn2eSHqMyMmJ4lumHxA==",
+            "web-1:4242:17",
+            "a.b_c/d+e",
+        ] {
+            assert!(is_acceptable_request_id(ok.as_bytes()), "{ok}");
+        }
+        assert!(is_acceptable_request_id("x".repeat(128).as_bytes()));
+        for bad in [
+            String::new(),
+            "x".repeat(129),
+            "x".repeat(1024),
+            "a b".into(),
+            "a\nb".into(),
+            "a\x1b[31m".into(),
+            "a\"b".into(),
+            "ä".into(),
+            "a;b".into(),
+        ] {
+            assert!(!is_acceptable_request_id(bad.as_bytes()), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn unacceptable_or_repeated_request_ids_are_dropped() {
+        let req = |ids: &[&str]| {
+            let mut b = axum::http::Request::builder();
+            for id in ids {
+                b = b.header("x-request-id", *id);
+            }
+            drop_unacceptable_request_id(b.body(()).unwrap())
+        };
+        let ids = |r: &axum::http::Request<()>| r.headers().get_all("x-request-id").iter().count();
+        let r = req(&["abc-123"]);
+        assert_eq!(r.headers()["x-request-id"], "abc-123");
+        assert_eq!(ids(&req(&[&"x".repeat(200)])), 0);
+        assert_eq!(ids(&req(&["a", "b"])), 0);
+        assert_eq!(ids(&req(&[])), 0);
+    }
 }
