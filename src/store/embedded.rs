@@ -28,7 +28,7 @@
 //! | table       | key                      | value                                  |
 //! |-------------|--------------------------|----------------------------------------|
 //! | `jobs`      | id                       | JSON map of the job's fields           |
-//! | `aggrs`     | aggregation              | JSON `{limit, proxy, inflight, pending}` |
+//! | `aggrs`     | aggregation              | JSON `{limit, proxy, inflight, pending, rate, burst, tat, rate_wait, jobs}` |
 //! | `pending`   | (aggregation, seq)       | id (FIFO per aggregation)              |
 //! | `ready`     | aggregation              | — (pending jobs and a free slot)       |
 //! | `active`    | aggregation              | — (pending jobs)                       |
