@@ -127,6 +127,8 @@ pub struct ApiConfig {
     pub max_request_headers: usize,
     /// Most bytes of `request_headers` names and values one job may set.
     pub max_request_headers_bytes: usize,
+    /// Most bytes of a job's `extra`.
+    pub max_extra_bytes: usize,
 }
 
 /// Endpoints `api.public_endpoints` may open.
@@ -146,6 +148,7 @@ impl Default for ApiConfig {
             aggregation_settings: crate::store::AggrSettings::Last,
             max_request_headers: crate::job::DEFAULT_MAX_REQUEST_HEADERS,
             max_request_headers_bytes: crate::job::DEFAULT_MAX_REQUEST_HEADERS_BYTES,
+            max_extra_bytes: crate::job::DEFAULT_MAX_EXTRA_BYTES,
         }
     }
 }
@@ -156,6 +159,7 @@ impl ApiConfig {
         crate::job::SubmitLimits {
             max_request_headers: self.max_request_headers,
             max_request_headers_bytes: self.max_request_headers_bytes,
+            max_extra_bytes: self.max_extra_bytes,
         }
     }
 

@@ -168,6 +168,9 @@ pub const DEFAULT_MAX_REQUEST_HEADERS: usize = 32;
 /// Bytes of `request_headers` names and values a job may set by default
 /// (`api.max_request_headers_bytes`).
 pub const DEFAULT_MAX_REQUEST_HEADERS_BYTES: usize = 8192;
+/// Default most bytes of `extra`: room for the ids and JSON clients echo through it,
+/// while a job record (stored until its callback is done) stays small.
+pub const DEFAULT_MAX_EXTRA_BYTES: usize = 64 * 1024;
 
 /// Limits on a `POST /download` body besides its size: the `api.*` keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +179,8 @@ pub struct SubmitLimits {
     pub max_request_headers: usize,
     /// Most bytes of `request_headers` names and values together.
     pub max_request_headers_bytes: usize,
+    /// Most bytes of `extra`.
+    pub max_extra_bytes: usize,
 }
 
 impl Default for SubmitLimits {
@@ -183,6 +188,7 @@ impl Default for SubmitLimits {
         SubmitLimits {
             max_request_headers: DEFAULT_MAX_REQUEST_HEADERS,
             max_request_headers_bytes: DEFAULT_MAX_REQUEST_HEADERS_BYTES,
+            max_extra_bytes: DEFAULT_MAX_EXTRA_BYTES,
         }
     }
 }
@@ -329,6 +335,13 @@ impl JobSpec {
 
         let extra = match obj.get("extra") {
             None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) if s.len() > limits.max_extra_bytes => {
+                return Err(invalid(format!(
+                    "extra must be at most {} bytes (api.max_extra_bytes), got {}",
+                    limits.max_extra_bytes,
+                    s.len()
+                )));
+            }
             Some(Value::String(s)) => s.clone(),
             Some(_) => return Err(invalid("extra must be a string")),
         };
@@ -771,6 +784,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn extra_is_capped() {
+        let with_extra = |n: usize, limits: &SubmitLimits| {
+            let mut body: Value = serde_json::from_str(OK).unwrap();
+            body["extra"] = Value::from("x".repeat(n));
+            JobSpec::from_json_with(body.to_string().as_bytes(), limits)
+        };
+        let d = SubmitLimits::default();
+        assert!(with_extra(DEFAULT_MAX_EXTRA_BYTES, &d).is_ok());
+        let e = with_extra(DEFAULT_MAX_EXTRA_BYTES + 1, &d).unwrap_err().0;
+        assert!(
+            e.contains("extra") && e.contains("api.max_extra_bytes"),
+            "{e}"
+        );
+        let tight = SubmitLimits {
+            max_extra_bytes: 10,
+            ..d
+        };
+        assert!(with_extra(10, &tight).is_ok());
+        assert!(with_extra(11, &tight).is_err());
+    }
+
     fn with_headers(headers: Value, limits: &SubmitLimits) -> Result<JobSpec, ValidationError> {
         let mut body: Value = serde_json::from_str(OK).unwrap();
         body["request_headers"] = headers;
@@ -803,6 +838,7 @@ mod tests {
         let tight = SubmitLimits {
             max_request_headers: 2,
             max_request_headers_bytes: 6,
+            ..SubmitLimits::default()
         };
         assert!(with_headers(serde_json::json!({"A": 12345}), &tight).is_ok());
         assert!(with_headers(serde_json::json!({"A": 123456}), &tight).is_err());
