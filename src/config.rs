@@ -263,6 +263,9 @@ pub struct NotifierConfig {
     pub shutdown_grace_secs: u64,
     /// `host:port` of the admin listener (`/metrics`, `/info`, `/healthz`); off when unset.
     pub admin_addr: Option<String>,
+    /// Days a failed callback (a dead letter) is kept, listed and retryable, before
+    /// it is deleted with its files.
+    pub failed_retention: f64,
 }
 
 impl Default for NotifierConfig {
@@ -277,6 +280,7 @@ impl Default for NotifierConfig {
             lease_secs: 15,
             shutdown_grace_secs: 30,
             admin_addr: None,
+            failed_retention: 7.0,
         }
     }
 }
@@ -372,6 +376,12 @@ impl Config {
                     "key `{key}`: must be a number of seconds greater than 0"
                 ));
             }
+        }
+        if !(self.notifier.failed_retention > 0.0 && self.notifier.failed_retention <= 36_500.0) {
+            return Err(
+                "key `notifier.failed_retention`: must be a number of days greater than 0 (at most 36500)"
+                    .into(),
+            );
         }
         if self.notifier.concurrency == 0 {
             return Err("key `notifier.concurrency`: must be greater than 0".into());
@@ -592,6 +602,11 @@ impl Config {
     /// How long a finished job's file and record are kept.
     pub fn deletion_delay(&self) -> Duration {
         Duration::from_secs_f64(self.notifier.deletion_interval * 60.0)
+    }
+
+    /// How long a failed callback is kept (`notifier.failed_retention`, days).
+    pub fn failed_retention(&self) -> Duration {
+        Duration::from_secs_f64(self.notifier.failed_retention * 86_400.0)
     }
 
     pub fn processor_backoff(&self) -> Duration {

@@ -10,7 +10,7 @@ use downloader::job::{Callback, JobSpec, new_id};
 use downloader::store::embedded::EmbeddedStore;
 use downloader::store::redis::RedisStore;
 use downloader::store::{
-    AggrSettings, Claim, Claimed, DownloadResult, Queue, RetryCallback, Store,
+    AggrFilter, AggrSettings, Claim, Claimed, DownloadResult, Queue, RetryCallback, Store,
 };
 
 const REDIS_ADDR: &str = "127.0.0.1:6379";
@@ -159,6 +159,7 @@ conformance!(
     claim_holds_back_jobs_of_a_paused_host,
     first_settings_stay_until_the_aggregation_drains,
     tenants_have_their_own_aggregations,
+    failed_callbacks_are_listed_paged_filtered_and_expire,
 );
 
 // ------------------------------------------------------------------ helpers
@@ -1513,6 +1514,141 @@ mod cases {
         got.sort();
         ok.sort();
         assert_eq!(got, ok);
+    }
+
+    /// Runs `n` jobs of aggregation `aggr` (of `tenant`) to a failed callback; their
+    /// ids, in the order they failed.
+    async fn fail_callbacks(
+        s: &Arc<dyn Store>,
+        aggr: &str,
+        tenant: Option<&str>,
+        n: usize,
+    ) -> Vec<String> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let id = new_id();
+            let spec = JobSpec {
+                tenant: tenant.map(str::to_string),
+                ..spec(aggr, 1, None)
+            };
+            s.submit(&id, &spec).await.unwrap();
+            let c = claim(s, Queue::Download, LONG).await;
+            assert!(
+                s.finish_download(&id, &c.token, &ok_result(), HOUR)
+                    .await
+                    .unwrap()
+            );
+            let cb = claim(s, Queue::Callback, LONG).await;
+            assert!(
+                s.fail_callback(&id, &cb.token, &format!("receiver down {id}"))
+                    .await
+                    .unwrap()
+            );
+            ids.push(id);
+        }
+        ids
+    }
+
+    pub async fn failed_callbacks_are_listed_paged_filtered_and_expire(s: Arc<dyn Store>) {
+        let a = fail_callbacks(&s, "dl-a", None, 5).await;
+        let b = fail_callbacks(&s, "dl-b", Some("t"), 3).await;
+        // Everything, two at a time, oldest first, each once.
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        for _ in 0..20 {
+            let page = s
+                .failed_callbacks(cursor.as_ref(), 2, &AggrFilter::All)
+                .await
+                .unwrap();
+            assert!(page.items.len() <= 2);
+            seen.extend(page.items.iter().map(|f| (f.failed_at, f.id.clone())));
+            match page.next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        // Oldest first (ids break ties), each once.
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+        let mut ids: Vec<String> = seen.into_iter().map(|(_, id)| id).collect();
+        ids.sort();
+        let mut want: Vec<String> = a.iter().chain(&b).cloned().collect();
+        want.sort();
+        assert_eq!(ids, want);
+        let all = s
+            .failed_callbacks(None, 100, &AggrFilter::All)
+            .await
+            .unwrap();
+        assert_eq!(all.next, None);
+        let first = all.items.iter().find(|f| f.id == a[0]).unwrap();
+        assert_eq!(first.aggr, "dl-a");
+        assert_eq!(first.error, format!("receiver down {}", a[0]));
+        assert_eq!(first.attempts, 1);
+        assert!(first.failed_at > 0);
+        // Filters: one aggregation, one tenant's.
+        let only_b = s
+            .failed_callbacks(None, 100, &AggrFilter::Is("@t/dl-b".into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            only_b
+                .items
+                .iter()
+                .map(|f| f.id.clone())
+                .collect::<Vec<_>>(),
+            b
+        );
+        let tenant = s
+            .failed_callbacks(None, 100, &AggrFilter::Prefix("@t/".into()))
+            .await
+            .unwrap();
+        assert_eq!(tenant.items.len(), 3);
+        // A filter matching nothing looks at a bounded number of entries per call.
+        let none = s
+            .failed_callbacks(None, 1, &AggrFilter::Is("nothing".into()))
+            .await
+            .unwrap();
+        assert!(none.items.is_empty());
+        // A retried one leaves the list; the rest expire into deletions.
+        assert_eq!(
+            s.requeue_callback(&a[0]).await.unwrap(),
+            RetryCallback::Requeued
+        );
+        let page = s
+            .failed_callbacks(None, 100, &AggrFilter::All)
+            .await
+            .unwrap();
+        assert_eq!(page.items.len(), 7);
+        assert_eq!(
+            s.expire_failed(HOUR, 100).await.unwrap(),
+            0,
+            "none an hour old"
+        );
+        assert_eq!(
+            s.expire_failed(Duration::ZERO, 4).await.unwrap(),
+            4,
+            "bounded"
+        );
+        assert_eq!(s.expire_failed(Duration::ZERO, 100).await.unwrap(), 3);
+        assert!(
+            s.failed_callbacks(None, 100, &AggrFilter::All)
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+        );
+        let mut due = s.due_deletions(100).await.unwrap();
+        due.sort();
+        let mut want: Vec<String> = a[1..].iter().chain(&b).cloned().collect();
+        want.sort();
+        assert_eq!(due, want);
+        // Expired: no longer retryable; forgetting it leaves nothing behind.
+        assert_eq!(
+            s.requeue_callback(&a[1]).await.unwrap(),
+            RetryCallback::NotFailed("Expired".into())
+        );
+        s.forget(&due).await.unwrap();
+        assert!(s.get_job(&a[1]).await.unwrap().is_none());
+        assert!(s.due_deletions(100).await.unwrap().is_empty());
     }
 
     pub async fn first_settings_stay_until_the_aggregation_drains(s: Arc<dyn Store>) {

@@ -22,6 +22,8 @@ pub struct Notifier {
     backoff: Duration,
     retries: u32,
     keep: Duration,
+    /// `notifier.failed_retention`.
+    failed_retention: Duration,
     root: PathBuf,
 }
 
@@ -44,6 +46,7 @@ impl Notifier {
             backoff: cfg.notifier_backoff(),
             retries: cfg.notifier.callback_retries,
             keep: cfg.deletion_delay(),
+            failed_retention: cfg.failed_retention(),
             root: cfg.storage_root().map_err(anyhow::Error::msg)?,
         })
     }
@@ -102,7 +105,8 @@ impl Notifier {
         }
     }
 
-    /// Deletes the files and records of jobs whose deletion is due.
+    /// Deletes the files and records of jobs whose deletion is due, failed callbacks
+    /// past `notifier.failed_retention` included.
     async fn delete_expired(self: Arc<Self>, stop: CancellationToken) {
         let period = self
             .keep
@@ -111,6 +115,14 @@ impl Notifier {
             tokio::select! {
                 _ = tokio::time::sleep(period) => {}
                 _ = stop.cancelled() => return,
+            }
+            match self.store.expire_failed(self.failed_retention, 500).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    jobs = n,
+                    "failed callbacks past notifier.failed_retention: deleting"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot expire failed callbacks"),
             }
             let ids = match self.store.due_deletions(500).await {
                 Ok(ids) => ids,

@@ -36,6 +36,7 @@
 //! | `delayed`   | (queue, due, id)         | —                                      |
 //! | `cb_queue`  | seq                      | id                                     |
 //! | `deletions` | (due, id)                | —                                      |
+//! | `cb_failed` | (failed_at, id)          | — (failed callbacks, `failed_at` in the job) |
 //! | `stats`     | component                | (expires_at, json)                     |
 //! | `ratewait`  | (due, aggregation)       | — (waiting for its `aggr_rate`)        |
 //! | `hosts`     | host                     | JSON `{tat, pause_until, slots}`       |
@@ -74,8 +75,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
 use super::{
-    AggrSettings, AggrSummary, Claimed, DownloadResult, HOST_PARK_FALLBACK, HostLimits, HostPermit,
-    Queue, Result, RetryCallback, Store, StoreError, WaitReason, gcra, millis,
+    AggrFilter, AggrSettings, AggrSummary, Claimed, DownloadResult, FAILED_SCAN_FACTOR,
+    FailedCallback, FailedCursor, FailedPage, HOST_PARK_FALLBACK, HostLimits, HostPermit, Queue,
+    Result, RetryCallback, Store, StoreError, WaitReason, gcra, millis,
 };
 use crate::job::{JobRecord, JobSpec, state};
 
@@ -104,6 +106,7 @@ const LEASES: TableDefinition<Zset, ()> = TableDefinition::new("leases");
 const DELAYED: TableDefinition<Zset, ()> = TableDefinition::new("delayed");
 const CB_QUEUE: TableDefinition<i64, Str> = TableDefinition::new("cb_queue");
 const DELETIONS: TableDefinition<(u64, Str), ()> = TableDefinition::new("deletions");
+const FAILED: TableDefinition<(u64, Str), ()> = TableDefinition::new("cb_failed");
 const STATS: TableDefinition<Str, (u64, Str)> = TableDefinition::new("stats");
 const RATEWAIT: TableDefinition<(u64, Str), ()> = TableDefinition::new("ratewait");
 const HOSTS: TableDefinition<Str, Str> = TableDefinition::new("hosts");
@@ -249,6 +252,7 @@ struct W<'t> {
     delayed: Table<'t, Zset, ()>,
     cb_queue: Table<'t, i64, Str>,
     deletions: Table<'t, (u64, Str), ()>,
+    failed: Table<'t, (u64, Str), ()>,
     stats: Table<'t, Str, (u64, Str)>,
     ratewait: Table<'t, (u64, Str), ()>,
     hosts: Table<'t, Str, Str>,
@@ -272,6 +276,7 @@ impl<'t> W<'t> {
             delayed: tx.open_table(DELAYED)?,
             cb_queue: tx.open_table(CB_QUEUE)?,
             deletions: tx.open_table(DELETIONS)?,
+            failed: tx.open_table(FAILED)?,
             stats: tx.open_table(STATS)?,
             ratewait: tx.open_table(RATEWAIT)?,
             hosts: tx.open_table(HOSTS)?,
@@ -619,6 +624,24 @@ impl<'t> W<'t> {
         self.deletions.insert((at, id), ())?;
         set(f, "del_at", at);
         self.dirty = true;
+        Ok(())
+    }
+
+    /// Lists a job whose callback failed for good (the caller saves `f`).
+    fn add_failed(&mut self, id: &str, f: &mut Fields) -> R<()> {
+        self.remove_failed(id, f)?;
+        self.failed.insert((self.now, id), ())?;
+        set(f, "failed_at", self.now);
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn remove_failed(&mut self, id: &str, f: &mut Fields) -> R<()> {
+        if let Some(at) = f.remove("failed_at") {
+            let at: u64 = at.parse().map_err(corrupt)?;
+            self.failed.remove((at, id))?;
+            self.dirty = true;
+        }
         Ok(())
     }
 
@@ -1011,6 +1034,7 @@ fn claim_callbacks(
                 "cb_error",
                 format!("callback abandoned: the worker running it was lost {lost} times"),
             );
+            w.add_failed(&id, &mut f)?;
         } else {
             set(&mut f, "cb_state", state::PENDING);
             w.push_callback(&id, true)?;
@@ -1111,6 +1135,7 @@ fn end_callback(w: &mut W<'_>, id: &str, token: &str, st: &str, err: &str, delay
         w.wake(Queue::Callback);
     } else {
         set(&mut f, "cb_at", now);
+        w.add_failed(id, &mut f)?;
     }
     w.put_job(id, &f)?;
     Ok(true)
@@ -1159,6 +1184,7 @@ impl EmbeddedStore {
             tx.open_table(DELAYED).map_err(Fail::from)?;
             tx.open_table(CB_QUEUE).map_err(Fail::from)?;
             tx.open_table(DELETIONS).map_err(Fail::from)?;
+            tx.open_table(FAILED).map_err(Fail::from)?;
             tx.open_table(STATS).map_err(Fail::from)?;
             tx.open_table(RATEWAIT).map_err(Fail::from)?;
             tx.open_table(HOSTS).map_err(Fail::from)?;
@@ -1578,6 +1604,11 @@ impl Store for EmbeddedStore {
             if st != state::FAILED {
                 return Ok(RetryCallback::NotFailed(st));
             }
+            // Past notifier.failed_retention: its deletion is under way.
+            if f.contains_key("del_at") {
+                return Ok(RetryCallback::NotFailed("Expired".into()));
+            }
+            w.remove_failed(&id, &mut f)?;
             set(&mut f, "cb_state", state::PENDING);
             set(&mut f, "cb_attempts", 0);
             set(&mut f, "cb_lost", 0);
@@ -1610,6 +1641,94 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn failed_callbacks(
+        &self,
+        cursor: Option<&FailedCursor>,
+        limit: usize,
+        filter: &AggrFilter,
+    ) -> Result<FailedPage> {
+        let (cursor, filter, limit) = (cursor.cloned(), filter.clone(), limit.max(1));
+        let scan = limit.saturating_mul(FAILED_SCAN_FACTOR);
+        self.run(move |s| {
+            s.read(|tx| {
+                let failed = tx.open_table(FAILED)?;
+                let jobs = tx.open_table(JOBS)?;
+                let mut page = FailedPage::default();
+                let range = match &cursor {
+                    Some(c) => failed.range((c.failed_at, c.id.as_str())..)?,
+                    None => failed.range::<(u64, &str)>(..)?,
+                };
+                let mut scanned = 0;
+                for e in range {
+                    let e = e?;
+                    let (at, id) = e.0.value();
+                    if cursor
+                        .as_ref()
+                        .is_some_and(|c| (at, id) <= (c.failed_at, c.id.as_str()))
+                    {
+                        continue;
+                    }
+                    if scanned >= scan || page.items.len() >= limit {
+                        // More remain: go on after the last one looked at.
+                        return Ok(page);
+                    }
+                    scanned += 1;
+                    page.next = Some(FailedCursor {
+                        failed_at: at,
+                        id: id.to_string(),
+                    });
+                    let Some(v) = jobs.get(id)? else { continue };
+                    let f: Fields = serde_json::from_str(v.value()).map_err(corrupt)?;
+                    let aggr = f.get("aggr").cloned().unwrap_or_default();
+                    if filter.matches(&aggr) {
+                        page.items.push(FailedCallback {
+                            id: id.to_string(),
+                            aggr,
+                            failed_at: at,
+                            error: f.get("cb_error").cloned().unwrap_or_default(),
+                            attempts: f
+                                .get("cb_attempts")
+                                .and_then(|a| a.parse().ok())
+                                .unwrap_or(0),
+                        });
+                    }
+                }
+                page.next = None;
+                Ok(page)
+            })
+        })
+        .await
+    }
+
+    async fn expire_failed(&self, retention: Duration, limit: usize) -> Result<usize> {
+        let (retention, limit) = (millis(retention), limit.max(1));
+        self.write(move |w| {
+            let cutoff = w.now.saturating_sub(retention);
+            let mut due = Vec::new();
+            for e in w.failed.range((0u64, "")..(cutoff.saturating_add(1), ""))? {
+                let e = e?;
+                let (at, id) = e.0.value();
+                due.push((at, id.to_string()));
+                if due.len() >= limit {
+                    break;
+                }
+            }
+            for (at, id) in &due {
+                let Some(mut f) = w.job(id)? else {
+                    w.failed.remove((*at, id.as_str()))?;
+                    w.dirty = true;
+                    continue;
+                };
+                w.remove_failed(id, &mut f)?;
+                let now = w.now;
+                w.schedule_deletion(id, &mut f, now)?;
+                w.put_job(id, &f)?;
+            }
+            Ok(due.len())
+        })
+        .await
+    }
+
     async fn forget(&self, ids: &[String]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
@@ -1622,6 +1741,7 @@ impl Store for EmbeddedStore {
                     let at: u64 = at.parse().map_err(corrupt)?;
                     w.deletions.remove((at, id.as_str()))?;
                 }
+                w.remove_failed(id, &mut f)?;
                 w.jobs.remove(id.as_str())?;
                 w.dirty = true;
             }

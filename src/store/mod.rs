@@ -135,6 +135,74 @@ pub struct AggrSummary {
     pub rate_wait_until: Option<u64>,
 }
 
+/// Which aggregations a listing covers (store names, tenant marks included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AggrFilter {
+    All,
+    /// Exactly this aggregation.
+    Is(String),
+    /// Those whose name starts with this (one tenant's: `@<tenant>/`).
+    Prefix(String),
+}
+
+impl AggrFilter {
+    pub fn matches(&self, aggr: &str) -> bool {
+        match self {
+            AggrFilter::All => true,
+            AggrFilter::Is(a) => aggr == a,
+            AggrFilter::Prefix(p) => aggr.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// A callback that failed for good (a dead letter), kept until
+/// `notifier.failed_retention` has passed or it is retried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedCallback {
+    pub id: String,
+    /// The store's aggregation name.
+    pub aggr: String,
+    /// When it failed (ms since the Unix epoch).
+    pub failed_at: u64,
+    pub error: String,
+    pub attempts: u32,
+}
+
+/// Where a listing of failed callbacks goes on: after this (failed_at, id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedCursor {
+    pub failed_at: u64,
+    pub id: String,
+}
+
+impl FailedCursor {
+    /// `<failed_at>-<id>`: opaque to clients, but printable and URL-safe.
+    pub fn encode(&self) -> String {
+        format!("{}-{}", self.failed_at, self.id)
+    }
+
+    pub fn decode(s: &str) -> Option<FailedCursor> {
+        let (at, id) = s.split_once('-')?;
+        Some(FailedCursor {
+            failed_at: at.parse().ok()?,
+            id: id.to_string(),
+        })
+        .filter(|c| crate::job::is_valid_id(&c.id))
+    }
+}
+
+/// One page of failed callbacks, oldest first. `next` is set while more may follow
+/// (a page can be short, or empty, when a filter skipped what was looked at).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailedPage {
+    pub items: Vec<FailedCallback>,
+    pub next: Option<FailedCursor>,
+}
+
+/// Failed callbacks a listing looks at, at most, per requested item: a filter that
+/// matches little cannot make one call scan the whole index.
+pub const FAILED_SCAN_FACTOR: usize = 10;
+
 /// Result of `POST /retry/{id}`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RetryCallback {
@@ -293,11 +361,26 @@ pub trait Store: Send + Sync + 'static {
         delay: Duration,
     ) -> Result<bool>;
 
-    /// Marks a callback failed for good; it stays until `POST /retry/{id}`.
+    /// Marks a callback failed for good and lists it among the failed ones; it stays
+    /// until `POST /retry/{id}` or until [`Store::expire_failed`] lets it go.
     async fn fail_callback(&self, id: &str, token: &str, error: &str) -> Result<bool>;
 
     /// Queues the callback of a job whose callback failed.
     async fn requeue_callback(&self, id: &str) -> Result<RetryCallback>;
+
+    /// Failed callbacks after `cursor`, oldest first: at most `limit` that match
+    /// `filter`, looking at no more than `limit * FAILED_SCAN_FACTOR` entries.
+    async fn failed_callbacks(
+        &self,
+        cursor: Option<&FailedCursor>,
+        limit: usize,
+        filter: &AggrFilter,
+    ) -> Result<FailedPage>;
+
+    /// Schedules for deletion now (files and record, as for delivered jobs) at most
+    /// `limit` failed callbacks that failed `retention` ago or earlier; they are then
+    /// no longer listed nor retryable. Returns how many.
+    async fn expire_failed(&self, retention: Duration, limit: usize) -> Result<usize>;
 
     /// Jobs whose deletion is due, at most `limit`.
     async fn due_deletions(&self, limit: usize) -> Result<Vec<String>>;

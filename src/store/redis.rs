@@ -15,8 +15,9 @@ use redis::{AsyncCommands, Script, Value};
 use tokio::sync::Mutex;
 
 use super::{
-    AggrSettings, AggrSummary, Claimed, DownloadResult, HOST_PARK_FALLBACK, HostLimits, HostPermit,
-    Queue, Result, RetryCallback, Store, StoreError, WaitReason, millis,
+    AggrFilter, AggrSettings, AggrSummary, Claimed, DownloadResult, FAILED_SCAN_FACTOR,
+    FailedCallback, FailedCursor, FailedPage, HOST_PARK_FALLBACK, HostLimits, HostPermit, Queue,
+    Result, RetryCallback, Store, StoreError, WaitReason, millis,
 };
 use crate::config::RedisConfig;
 use crate::job::{JobRecord, JobSpec};
@@ -278,6 +279,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P..'cb:leases', '-inf', now, 'LI
     if lost > max_lost then
       redis.call('HSET', k, 'cb_state', 'Failed', 'cb_at', n2s(now),
         'cb_error', 'callback abandoned: the worker running it was lost ' .. lost .. ' times')
+      redis.call('ZADD', P..'cb:failed', n2s(now), id)
     else
       redis.call('HSET', k, 'cb_state', 'Pending')
       redis.call('LPUSH', P..'cb:queue', id)
@@ -489,6 +491,7 @@ elseif st == 'Pending' then
   wake('cb')
 else
   redis.call('HSET', k, 'cb_at', n2s(now))
+  redis.call('ZADD', P..'cb:failed', n2s(now), id)
 end
 return 1
 "#,
@@ -502,10 +505,61 @@ local k = P..'job:'..ARGV[1]
 if redis.call('EXISTS', k) == 0 then return 'notfound' end
 local st = redis.call('HGET', k, 'cb_state') or ''
 if st ~= 'Failed' then return 'state:' .. st end
+-- Past notifier.failed_retention: its deletion is under way.
+if redis.call('ZSCORE', P..'deletions', ARGV[1]) then return 'state:Expired' end
+redis.call('ZREM', P..'cb:failed', ARGV[1])
 redis.call('HSET', k, 'cb_state', 'Pending', 'cb_attempts', 0, 'cb_lost', 0)
 redis.call('RPUSH', P..'cb:queue', ARGV[1])
 wake('cb')
 return 'ok'
+"#,
+    )
+});
+
+/// A page of `cb:failed` after the cursor (`ARGV[1]` ms, `ARGV[2]` id; -1 and ''
+/// for the start), filtered by aggregation (`ARGV[5]`: all, is, prefix; `ARGV[6]`).
+/// Returns the next cursor (or two empty strings) and the items.
+static FAILED_LIST: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local cat, cid, limit, scan, mode, pat = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local out, scanned, offset = {}, 0, 0
+local last_at, last_id, stopped = '', '', false
+while not stopped do
+  local batch = redis.call('ZRANGEBYSCORE', P..'cb:failed', cat, '+inf', 'WITHSCORES', 'LIMIT', offset, 100)
+  if #batch == 0 then break end
+  offset = offset + #batch / 2
+  for i = 1, #batch, 2 do
+    local id, at = batch[i], tonumber(batch[i + 1])
+    if at > cat or id > cid then
+      scanned = scanned + 1
+      last_at, last_id = n2s(at), id
+      local f = redis.call('HMGET', P..'job:'..id, 'aggr', 'cb_error', 'cb_attempts')
+      local a = f[1] or ''
+      if mode == 'all' or (mode == 'is' and a == pat) or (mode == 'prefix' and string.sub(a, 1, #pat) == pat) then
+        out[#out + 1] = {id, a, n2s(at), f[2] or '', f[3] or '0'}
+      end
+      if #out >= limit or scanned >= scan then stopped = true break end
+    end
+  end
+end
+if not stopped then last_at, last_id = '', '' end
+return {last_at, last_id, out}
+"#,
+    )
+});
+
+/// Moves failed callbacks older than the retention (`ARGV[1]` ms) into `deletions`.
+static EXPIRE_FAILED: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local now = now_ms()
+local ids = redis.call('ZRANGEBYSCORE', P..'cb:failed', '-inf', now - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do
+  redis.call('ZREM', P..'cb:failed', id)
+  redis.call('ZADD', P..'deletions', n2s(now), id)
+end
+return #ids
 "#,
     )
 });
@@ -939,6 +993,64 @@ impl Store for RedisStore {
         self.run(DUE_DELETIONS.key(&self.prefix).arg(limit)).await
     }
 
+    async fn failed_callbacks(
+        &self,
+        cursor: Option<&FailedCursor>,
+        limit: usize,
+        filter: &AggrFilter,
+    ) -> Result<FailedPage> {
+        let limit = limit.max(1);
+        let (mode, pattern) = match filter {
+            AggrFilter::All => ("all", ""),
+            AggrFilter::Is(a) => ("is", a.as_str()),
+            AggrFilter::Prefix(p) => ("prefix", p.as_str()),
+        };
+        let (at, id) = match cursor {
+            Some(c) => (c.failed_at as i64, c.id.as_str()),
+            None => (-1, ""),
+        };
+        let (next_at, next_id, rows): (String, String, Vec<(String, String, u64, String, u32)>) =
+            self.run(
+                FAILED_LIST
+                    .key(&self.prefix)
+                    .arg(at)
+                    .arg(id)
+                    .arg(limit)
+                    .arg(limit.saturating_mul(FAILED_SCAN_FACTOR))
+                    .arg(mode)
+                    .arg(pattern),
+            )
+            .await?;
+        let next = match next_at.parse() {
+            Ok(failed_at) => Some(FailedCursor {
+                failed_at,
+                id: next_id,
+            }),
+            Err(_) => None,
+        };
+        let items = rows
+            .into_iter()
+            .map(|(id, aggr, failed_at, error, attempts)| FailedCallback {
+                id,
+                aggr,
+                failed_at,
+                error,
+                attempts,
+            })
+            .collect();
+        Ok(FailedPage { items, next })
+    }
+
+    async fn expire_failed(&self, retention: Duration, limit: usize) -> Result<usize> {
+        self.run(
+            EXPIRE_FAILED
+                .key(&self.prefix)
+                .arg(millis(retention))
+                .arg(limit.max(1)),
+        )
+        .await
+    }
+
     async fn forget(&self, ids: &[String]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
@@ -949,6 +1061,7 @@ impl Store for RedisStore {
             pipe.del(self.key(&format!("job:{id}"))).ignore();
         }
         pipe.zrem(self.key("deletions"), ids).ignore();
+        pipe.zrem(self.key("cb:failed"), ids).ignore();
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await.map_err(backend)
     }

@@ -17,6 +17,8 @@ use axum::response::{IntoResponse, Response};
 use super::ApiError;
 use crate::auth::{Scope, Tokens};
 use crate::config::ApiConfig;
+use crate::job::TENANT_MARK;
+use crate::store::AggrFilter;
 
 /// Who is calling, as far as the handlers need to know.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +43,30 @@ impl Caller {
     /// Whether a job of `tenant` is this caller's to see or retry.
     pub fn sees(&self, tenant: Option<&str>) -> bool {
         self.all_tenants || self.tenant.as_deref() == tenant
+    }
+
+    /// An aggregation's name as this caller knows it: the store's name for callers
+    /// that see every tenant, the `aggr_id` a tenant gave for its own, `None` for
+    /// another tenant's.
+    pub fn shown_aggr(&self, store_name: &str) -> Option<String> {
+        if self.all_tenants {
+            return Some(store_name.to_string());
+        }
+        let own = format!("{TENANT_MARK}{}/", self.tenant.as_deref()?);
+        store_name.strip_prefix(own.as_str()).map(str::to_string)
+    }
+
+    /// The aggregations a listing by this caller covers: its own (all, or the one
+    /// named as it knows it).
+    pub fn aggr_filter(&self, aggr_id: Option<&str>) -> AggrFilter {
+        match (self.all_tenants, &self.tenant, aggr_id) {
+            (true, _, None) => AggrFilter::All,
+            (true, _, Some(a)) => AggrFilter::Is(a.to_string()),
+            (false, Some(t), None) => AggrFilter::Prefix(format!("{TENANT_MARK}{t}/")),
+            (false, Some(t), Some(a)) => AggrFilter::Is(format!("{TENANT_MARK}{t}/{a}")),
+            // A public endpoint's anonymous caller: no tenant's data.
+            (false, None, _) => AggrFilter::Is(String::new()),
+        }
     }
 }
 
@@ -99,7 +125,8 @@ fn need(path: &str) -> Need {
         "/thumbnail/stats" => Need::Scope(Scope::Read, Some("stats")),
         "/info" => Need::Scope(Scope::Read, Some("info")),
         "/metrics" => Need::Scope(Scope::Read, Some("metrics")),
-        _ if under("/retry") => Need::Scope(Scope::Submit, None),
+        _ if under("/retry") || path == "/callbacks/retry" => Need::Scope(Scope::Submit, None),
+        "/callbacks/failed" => Need::Scope(Scope::Read, None),
         _ if under("/jobs") || under("/dashboard") => Need::Scope(Scope::Read, None),
         _ if under("/stats") => Need::Scope(Scope::Read, Some("stats")),
         _ if under("/files") => Need::Scope(Scope::Read, Some("files")),

@@ -16,9 +16,10 @@ use serde_json::json;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::job::{JobSpec, TENANT_MARK, is_valid_id, new_id};
+use crate::job::{JobSpec, is_valid_id, new_id};
 use crate::store::{AggrSettings, RetryCallback, Store};
 
+pub mod callbacks;
 pub mod files;
 pub mod guard;
 pub mod ops;
@@ -82,7 +83,7 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
 /// A request body that could not be read: 408 when it stalled, else the rejection's own status.
 pub fn body_error(e: BytesRejection) -> ApiError {
@@ -110,6 +111,8 @@ pub fn router(
         .route("/stats/{component}", get(stats))
         .route("/dashboard/aggregations", get(aggregations))
         .route("/jobs/{id}", get(job))
+        .route("/callbacks/failed", get(callbacks::failed))
+        .route("/callbacks/retry", post(callbacks::retry))
         .layer(DefaultBodyLimit::max(max_body.unwrap_or(DEFAULT_MAX_BODY)));
     let ops = ops::OpsState::new(
         state.info.clone(),
@@ -245,7 +248,7 @@ async fn submit(
 
 /// The job, if it exists and is the caller's to see (another tenant's job is as
 /// unknown as one that never existed).
-async fn visible_job(
+pub(crate) async fn visible_job(
     s: &AppState,
     caller: &Caller,
     id: &str,
@@ -321,18 +324,13 @@ async fn aggregations(
     Extension(caller): Extension<Caller>,
 ) -> ApiResult {
     // A tenant sees its own aggregations, under the names it gave them.
-    let own = caller.tenant.as_ref().map(|t| format!("{TENANT_MARK}{t}/"));
     let list: Vec<_> = s
         .store
         .aggregations()
         .await?
         .into_iter()
         .filter_map(|a| {
-            let name = match &own {
-                _ if caller.all_tenants => a.name.clone(),
-                Some(prefix) => a.name.strip_prefix(prefix.as_str())?.to_string(),
-                None => return None,
-            };
+            let name = caller.shown_aggr(&a.name)?;
             let mut v = json!({ "name": format!("jobs:{name}"), "size": a.pending });
             if let Some(until) = a.rate_wait_until {
                 v["waiting_for"] = json!("aggr_rate");
