@@ -70,7 +70,7 @@ pub struct Metrics {
 #[derive(Debug, Default)]
 struct Snapshot {
     /// `None` when the store did not answer in time.
-    pending: Option<Vec<(String, u64)>>,
+    pending: Option<crate::store::PendingSummary>,
     thumbnails: Option<crate::thumbnail::Stats>,
     process: Process,
 }
@@ -355,17 +355,20 @@ pub async fn render(sources: &Sources) -> String {
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _turn = ONE_AT_A_TIME.lock().await;
     let pending = match &sources.store {
-        Some(store) => match tokio::time::timeout(STORE_TIMEOUT, store.aggregations()).await {
-            Ok(Ok(list)) => Some(list.into_iter().map(|a| (a.name, a.pending)).collect()),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "metrics: cannot read pending jobs from the store");
-                None
+        Some(store) => {
+            match tokio::time::timeout(STORE_TIMEOUT, store.pending_summary(TOP_AGGREGATIONS)).await
+            {
+                Ok(Ok(summary)) => Some(summary),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "metrics: cannot read pending jobs from the store");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!("metrics: the store did not answer in time for pending jobs");
+                    None
+                }
             }
-            Err(_) => {
-                tracing::warn!("metrics: the store did not answer in time for pending jobs");
-                None
-            }
-        },
+        }
         None => None,
     };
     // /proc reads (up to one entry per open fd) stay off the async threads.
@@ -450,8 +453,14 @@ impl prometheus_client::collector::Collector for Scrape {
             &in_flight,
         )?;
         if let Some(pending) = &snapshot.pending {
-            let aggregations = pending.len() as i64;
-            let (top, total) = top(pending.iter().map(|(a, n)| (a.clone(), *n as i64)));
+            // The store keeps the counts and the busiest ones: no scan of every
+            // aggregation per scrape.
+            let aggregations = i64::try_from(pending.aggregations).unwrap_or(i64::MAX);
+            let total = i64::try_from(pending.jobs).unwrap_or(i64::MAX);
+            let (top, _) = top(pending
+                .top
+                .iter()
+                .map(|(a, n)| (a.clone(), i64::try_from(*n).unwrap_or(i64::MAX))));
             gauge(
                 &mut encoder,
                 "jobs_pending",

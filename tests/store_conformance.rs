@@ -160,6 +160,8 @@ conformance!(
     first_settings_stay_until_the_aggregation_drains,
     tenants_have_their_own_aggregations,
     failed_callbacks_are_listed_paged_filtered_and_expire,
+    pending_counts_are_kept_and_pages_go_busiest_first,
+    an_aggregation_with_no_job_left_is_removed,
 );
 
 // ------------------------------------------------------------------ helpers
@@ -1649,6 +1651,72 @@ mod cases {
         s.forget(&due).await.unwrap();
         assert!(s.get_job(&a[1]).await.unwrap().is_none());
         assert!(s.due_deletions(100).await.unwrap().is_empty());
+    }
+
+    pub async fn pending_counts_are_kept_and_pages_go_busiest_first(s: Arc<dyn Store>) {
+        let empty_summary = s.pending_summary(10).await.unwrap();
+        assert_eq!((empty_summary.jobs, empty_summary.aggregations), (0, 0));
+        for (aggr, n) in [("p-one", 1), ("p-three", 3), ("p-two", 2)] {
+            for _ in 0..n {
+                s.submit(&new_id(), &spec(aggr, 1, None)).await.unwrap();
+            }
+        }
+        let sum = s.pending_summary(2).await.unwrap();
+        assert_eq!((sum.jobs, sum.aggregations), (6, 3));
+        assert_eq!(
+            sum.top,
+            vec![("p-three".to_string(), 3), ("p-two".to_string(), 2)]
+        );
+        let (page, total) = s.aggregations_page(1, 5).await.unwrap();
+        assert_eq!(total, 3);
+        let names: Vec<&str> = page.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["p-two", "p-one"]);
+        // Claims take one of each (limit 1): the counts follow.
+        let (got, _) = s.claim_many(Queue::Download, LONG, 10).await.unwrap();
+        assert_eq!(got.len(), 3);
+        let sum = s.pending_summary(10).await.unwrap();
+        assert_eq!((sum.jobs, sum.aggregations), (3, 2));
+        for c in &got {
+            assert!(
+                s.finish_download(&c.job.id, &c.token, &ok_result(), HOUR)
+                    .await
+                    .unwrap()
+            );
+        }
+        let (got, _) = s.claim_many(Queue::Download, LONG, 10).await.unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(s.pending_summary(10).await.unwrap().jobs, 1);
+    }
+
+    pub async fn an_aggregation_with_no_job_left_is_removed(s: Arc<dyn Store>) {
+        let id = new_id();
+        s.submit(&id, &spec("gone", 2, Some("http://p.test:1")))
+            .await
+            .unwrap();
+        let c = claim(&s, Queue::Download, LONG).await;
+        // A retried job keeps its aggregation (and its proxy).
+        assert!(
+            s.retry_download(&id, &c.token, &DownloadResult::default(), Duration::ZERO)
+                .await
+                .unwrap()
+        );
+        let c = claim_eventually(&s, Queue::Download, LONG, 5).await;
+        assert_eq!(c.proxy.as_deref(), Some("http://p.test:1"));
+        assert!(
+            s.finish_download(&id, &c.token, &ok_result(), HOUR)
+                .await
+                .unwrap()
+        );
+        assert!(aggrs(&s).await.is_empty());
+        let sum = s.pending_summary(10).await.unwrap();
+        assert_eq!((sum.jobs, sum.aggregations), (0, 0));
+        // A new job of the name starts from its own settings.
+        let id2 = new_id();
+        s.submit(&id2, &spec("gone", 1, None)).await.unwrap();
+        let c = claim(&s, Queue::Download, LONG).await;
+        assert_eq!(c.job.id, id2);
+        assert_eq!(c.proxy, None);
+        assert_eq!(empty(&s, Queue::Download).await, None);
     }
 
     pub async fn first_settings_stay_until_the_aggregation_drains(s: Arc<dyn Store>) {

@@ -37,6 +37,9 @@
 //! | `cb_queue`  | seq                      | id                                     |
 //! | `deletions` | (due, id)                | —                                      |
 //! | `cb_failed` | (failed_at, id)          | — (failed callbacks, `failed_at` in the job) |
+//! | `pending_n` | (pending, aggregation)   | — (aggregations with pending jobs, by count) |
+//! | `counters`  | name                     | `pending_total`: the sum of those counts |
+//! | `idle_aggrs`| (rate due, aggregation)  | — (no job left, rate state not yet past) |
 //! | `stats`     | component                | (expires_at, json)                     |
 //! | `ratewait`  | (due, aggregation)       | — (waiting for its `aggr_rate`)        |
 //! | `hosts`     | host                     | JSON `{tat, pause_until, slots}`       |
@@ -68,16 +71,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use redb::{
-    Database, DatabaseError, ReadableDatabase, ReadableTable, Table, TableDefinition,
-    WriteTransaction,
+    Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    TableDefinition, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
 use super::{
     AggrFilter, AggrSettings, AggrSummary, Claimed, DownloadResult, FAILED_SCAN_FACTOR,
-    FailedCallback, FailedCursor, FailedPage, HOST_PARK_FALLBACK, HostLimits, HostPermit, Queue,
-    Result, RetryCallback, Store, StoreError, WaitReason, gcra, millis,
+    FailedCallback, FailedCursor, FailedPage, HOST_PARK_FALLBACK, HostLimits, HostPermit,
+    MAX_AGGR_PAGE, PendingSummary, Queue, Result, RetryCallback, Store, StoreError, WaitReason,
+    gcra, millis,
 };
 use crate::job::{JobRecord, JobSpec, state};
 
@@ -107,6 +111,11 @@ const DELAYED: TableDefinition<Zset, ()> = TableDefinition::new("delayed");
 const CB_QUEUE: TableDefinition<i64, Str> = TableDefinition::new("cb_queue");
 const DELETIONS: TableDefinition<(u64, Str), ()> = TableDefinition::new("deletions");
 const FAILED: TableDefinition<(u64, Str), ()> = TableDefinition::new("cb_failed");
+const PENDING_N: TableDefinition<(u64, Str), ()> = TableDefinition::new("pending_n");
+const IDLE: TableDefinition<(u64, Str), ()> = TableDefinition::new("idle_aggrs");
+const COUNTERS: TableDefinition<Str, u64> = TableDefinition::new("counters");
+/// `COUNTERS` key of the pending downloads over all aggregations.
+const PENDING_TOTAL: &str = "pending_total";
 const STATS: TableDefinition<Str, (u64, Str)> = TableDefinition::new("stats");
 const RATEWAIT: TableDefinition<(u64, Str), ()> = TableDefinition::new("ratewait");
 const HOSTS: TableDefinition<Str, Str> = TableDefinition::new("hosts");
@@ -134,6 +143,9 @@ struct Aggr {
     /// Its jobs still in their download phase (pending, delayed or in flight).
     #[serde(default)]
     jobs: i64,
+    /// `pending` as last entered in `pending_n` and `pending_total`.
+    #[serde(default)]
+    counted: u64,
 }
 
 fn one() -> u32 {
@@ -165,6 +177,7 @@ impl Default for Aggr {
             tat: 0.0,
             rate_wait: None,
             jobs: 0,
+            counted: 0,
         }
     }
 }
@@ -253,6 +266,9 @@ struct W<'t> {
     cb_queue: Table<'t, i64, Str>,
     deletions: Table<'t, (u64, Str), ()>,
     failed: Table<'t, (u64, Str), ()>,
+    pending_n: Table<'t, (u64, Str), ()>,
+    idle: Table<'t, (u64, Str), ()>,
+    counters: Table<'t, Str, u64>,
     stats: Table<'t, Str, (u64, Str)>,
     ratewait: Table<'t, (u64, Str), ()>,
     hosts: Table<'t, Str, Str>,
@@ -277,6 +293,9 @@ impl<'t> W<'t> {
             cb_queue: tx.open_table(CB_QUEUE)?,
             deletions: tx.open_table(DELETIONS)?,
             failed: tx.open_table(FAILED)?,
+            pending_n: tx.open_table(PENDING_N)?,
+            idle: tx.open_table(IDLE)?,
+            counters: tx.open_table(COUNTERS)?,
             stats: tx.open_table(STATS)?,
             ratewait: tx.open_table(RATEWAIT)?,
             hosts: tx.open_table(HOSTS)?,
@@ -347,12 +366,80 @@ impl<'t> W<'t> {
     /// jobs, fewer downloads in flight than its limit and does not wait for its rate;
     /// in `active` iff it has pending jobs.
     fn refresh(&mut self, a: &str) -> R<bool> {
-        let ag = self.aggr(a)?;
+        let mut ag = self.aggr(a)?;
+        if ag.counted != ag.pending {
+            self.count_pending(a, &mut ag)?;
+        }
         let has_pending = ag.pending > 0;
         self.set_member(false, a, has_pending)?;
         let ready = has_pending && ag.inflight < ag.limit && ag.rate_wait.is_none();
         self.set_member(true, a, ready)?;
         Ok(ready)
+    }
+
+    /// Moves `a` to its pending count in `pending_n` and adjusts `pending_total`
+    /// (PRELUDE `refresh`), so that listings and totals cost O(log n).
+    fn count_pending(&mut self, a: &str, ag: &mut Aggr) -> R<()> {
+        if ag.counted > 0 {
+            self.pending_n.remove((ag.counted, a))?;
+        }
+        if ag.pending > 0 {
+            self.pending_n.insert((ag.pending, a), ())?;
+        }
+        let total = self.counters.get(PENDING_TOTAL)?.map_or(0, |v| v.value());
+        let total = (total + ag.pending).saturating_sub(ag.counted);
+        self.counters.insert(PENDING_TOTAL, total)?;
+        ag.counted = ag.pending;
+        self.put_aggr(a, ag)
+    }
+
+    /// PRELUDE `revive`: a job going back to `pending` whose aggregation record is
+    /// gone (its jobs were not counted: stored before the count existed) brings its
+    /// settings back.
+    fn revive(&mut self, a: &str, f: &Fields) -> R<()> {
+        if self.aggrs.get(a)?.is_some() {
+            return Ok(());
+        }
+        let Some(spec) = f
+            .get("spec")
+            .and_then(|j| serde_json::from_str::<JobSpec>(j).ok())
+        else {
+            return Ok(());
+        };
+        let ag = Aggr {
+            limit: i64::from(spec.aggr_limit),
+            proxy: spec.aggr_proxy.unwrap_or_default(),
+            rate: spec.aggr_rate.unwrap_or(0.0),
+            burst: spec.aggr_burst.unwrap_or(1),
+            jobs: 1,
+            ..Aggr::default()
+        };
+        self.put_aggr(a, &ag)
+    }
+
+    /// Removes idle aggregation records whose rate state has run out (see `end_job`).
+    fn sweep_idle(&mut self) -> R<()> {
+        let mut due = Vec::new();
+        for e in self
+            .idle
+            .range((0u64, "")..(self.now.saturating_add(1), ""))?
+        {
+            let e = e?;
+            let (at, a) = e.0.value();
+            due.push((at, a.to_string()));
+            if due.len() >= BATCH {
+                break;
+            }
+        }
+        for (at, a) in due {
+            self.idle.remove((at, a.as_str()))?;
+            self.dirty = true;
+            let ag = self.aggr(&a)?;
+            if ag.jobs <= 0 && ag.inflight <= 0 && ag.pending == 0 {
+                self.aggrs.remove(a.as_str())?;
+            }
+        }
+        Ok(())
     }
 
     /// Puts `a` in `ratewait` until `at` (or, with `None`, takes it out); the caller
@@ -464,11 +551,24 @@ impl<'t> W<'t> {
         Ok(())
     }
 
-    /// PRELUDE `end_job`: a job of `a` left its download phase for good.
+    /// PRELUDE `end_job`: a job of `a` left its download phase for good. An
+    /// aggregation with no job left goes, at once or, while its rate state still
+    /// matters (the next download's earliest time is ahead), once that has passed.
     fn end_job(&mut self, a: &str) -> R<()> {
         let mut ag = self.aggr(a)?;
         ag.jobs = (ag.jobs - 1).max(0);
-        self.put_aggr(a, &ag)
+        if ag.jobs > 0 || ag.inflight > 0 || ag.pending > 0 {
+            return self.put_aggr(a, &ag);
+        }
+        if ag.tat > self.now as f64 {
+            self.idle.insert((ag.tat.ceil() as u64, a), ())?;
+            return self.put_aggr(a, &ag);
+        }
+        self.set_member(true, a, false)?;
+        self.set_member(false, a, false)?;
+        self.aggrs.remove(a)?;
+        self.dirty = true;
+        Ok(())
     }
 
     fn dec_inflight(&mut self, a: &str) -> R<()> {
@@ -884,6 +984,7 @@ fn claim_downloads(
         w.refresh(&a)?;
     }
     w.sweep_hosts()?;
+    w.sweep_idle()?;
     for (at, id) in w.due(false, "dl")? {
         w.delayed.remove(("dl", at, id.as_str()))?;
         w.dirty = true;
@@ -895,6 +996,7 @@ fn claim_downloads(
         };
         set(&mut f, "next_at", 0);
         w.put_job(&id, &f)?;
+        w.revive(&a, &f)?;
         w.push_pending(&a, &id, false)?;
         w.refresh(&a)?;
     }
@@ -1185,6 +1287,9 @@ impl EmbeddedStore {
             tx.open_table(CB_QUEUE).map_err(Fail::from)?;
             tx.open_table(DELETIONS).map_err(Fail::from)?;
             tx.open_table(FAILED).map_err(Fail::from)?;
+            tx.open_table(PENDING_N).map_err(Fail::from)?;
+            tx.open_table(IDLE).map_err(Fail::from)?;
+            tx.open_table(COUNTERS).map_err(Fail::from)?;
             tx.open_table(STATS).map_err(Fail::from)?;
             tx.open_table(RATEWAIT).map_err(Fail::from)?;
             tx.open_table(HOSTS).map_err(Fail::from)?;
@@ -1772,27 +1877,57 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn aggregations(&self) -> Result<Vec<AggrSummary>> {
-        self.run(|s| {
+    async fn aggregations_page(
+        &self,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<AggrSummary>, u64)> {
+        let limit = limit.min(MAX_AGGR_PAGE);
+        self.run(move |s| {
             s.read(|tx| {
-                let active = tx.open_table(ACTIVE)?;
+                let index = tx.open_table(PENDING_N)?;
                 let aggrs = tx.open_table(AGGRS)?;
+                let total = index.len()?;
                 let mut out = Vec::new();
-                for e in active.iter()? {
-                    let name = e?.0.value().to_string();
-                    let ag = match aggrs.get(name.as_str())? {
-                        Some(v) => serde_json::from_str::<Aggr>(v.value()).map_err(corrupt)?,
-                        None => Aggr::default(),
+                for e in index.iter()?.rev().skip(offset).take(limit) {
+                    let e = e?;
+                    let (pending, name) = e.0.value();
+                    let rate_wait_until = match aggrs.get(name)? {
+                        Some(v) => {
+                            serde_json::from_str::<Aggr>(v.value())
+                                .map_err(corrupt)?
+                                .rate_wait
+                        }
+                        None => None,
                     };
-                    if ag.pending > 0 {
-                        out.push(AggrSummary {
-                            name,
-                            pending: ag.pending,
-                            rate_wait_until: ag.rate_wait,
-                        });
-                    }
+                    out.push(AggrSummary {
+                        name: name.to_string(),
+                        pending,
+                        rate_wait_until,
+                    });
                 }
-                Ok(out)
+                Ok((out, total))
+            })
+        })
+        .await
+    }
+
+    async fn pending_summary(&self, top: usize) -> Result<PendingSummary> {
+        self.run(move |s| {
+            s.read(|tx| {
+                let index = tx.open_table(PENDING_N)?;
+                let counters = tx.open_table(COUNTERS)?;
+                let mut list = Vec::new();
+                for e in index.iter()?.rev().take(top) {
+                    let e = e?;
+                    let (pending, name) = e.0.value();
+                    list.push((name.to_string(), pending));
+                }
+                Ok(PendingSummary {
+                    jobs: counters.get(PENDING_TOTAL)?.map_or(0, |v| v.value()),
+                    aggregations: index.len()?,
+                    top: list,
+                })
             })
         })
         .await

@@ -203,6 +203,18 @@ pub struct FailedPage {
 /// matches little cannot make one call scan the whole index.
 pub const FAILED_SCAN_FACTOR: usize = 10;
 
+/// Most aggregations one dashboard page lists.
+pub const MAX_AGGR_PAGE: usize = 10_000;
+
+/// Store-wide pending downloads (`/metrics`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingSummary {
+    pub jobs: u64,
+    pub aggregations: u64,
+    /// The busiest aggregations and their pending counts, busiest first.
+    pub top: Vec<(String, u64)>,
+}
+
 /// Result of `POST /retry/{id}`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RetryCallback {
@@ -390,8 +402,24 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_job(&self, id: &str) -> Result<Option<JobRecord>>;
 
-    /// Aggregations with pending downloads, by name.
-    async fn aggregations(&self) -> Result<Vec<AggrSummary>>;
+    /// Aggregations with pending downloads, busiest first (then by name): at most
+    /// `limit` from `offset`, and how many there are in all. Costs O(log n + limit).
+    async fn aggregations_page(
+        &self,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<AggrSummary>, u64)>;
+
+    /// The first [`MAX_AGGR_PAGE`] aggregations with pending downloads, by name.
+    async fn aggregations(&self) -> Result<Vec<AggrSummary>> {
+        let (mut list, _) = self.aggregations_page(0, MAX_AGGR_PAGE).await?;
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(list)
+    }
+
+    /// Pending downloads over all aggregations, how many aggregations have some, and
+    /// the `top` busiest, without looking at every aggregation.
+    async fn pending_summary(&self, top: usize) -> Result<PendingSummary>;
 
     /// Stores a component's latest stats report, kept for `ttl`.
     async fn put_stats(&self, component: &str, json: &str, ttl: Duration) -> Result<()>;

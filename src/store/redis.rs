@@ -16,8 +16,9 @@ use tokio::sync::Mutex;
 
 use super::{
     AggrFilter, AggrSettings, AggrSummary, Claimed, DownloadResult, FAILED_SCAN_FACTOR,
-    FailedCallback, FailedCursor, FailedPage, HOST_PARK_FALLBACK, HostLimits, HostPermit, Queue,
-    Result, RetryCallback, Store, StoreError, WaitReason, millis,
+    FailedCallback, FailedCursor, FailedPage, HOST_PARK_FALLBACK, HostLimits, HostPermit,
+    MAX_AGGR_PAGE, PendingSummary, Queue, Result, RetryCallback, Store, StoreError, WaitReason,
+    millis,
 };
 use crate::config::RedisConfig;
 use crate::job::{JobRecord, JobSpec};
@@ -46,7 +47,13 @@ local function refresh(a)
   local f = redis.call('HMGET', ak, 'limit', 'inflight')
   local limit, inflight = tonumber(f[1] or '1'), tonumber(f[2] or '0')
   local len = redis.call('LLEN', P..'pending:'..a)
-  if len > 0 then redis.call('SADD', P..'aggrs', a) else redis.call('SREM', P..'aggrs', a) end
+  -- `pending_n` (aggregation -> pending count) and `pending_total` (their sum) keep
+  -- the dashboard and /metrics cheap however many aggregations there are.
+  local old = tonumber(redis.call('ZSCORE', P..'pending_n', a) or '0')
+  if len ~= old then
+    if len > 0 then redis.call('ZADD', P..'pending_n', len, a) else redis.call('ZREM', P..'pending_n', a) end
+    redis.call('INCRBY', P..'pending_total', len - old)
+  end
   if len > 0 and inflight < limit and not redis.call('ZSCORE', P..'ratewait', a) then
     redis.call('SADD', P..'ready', a)
     return true
@@ -59,10 +66,31 @@ local function free_slot(a)
   if redis.call('HINCRBY', ak, 'inflight', -1) < 0 then redis.call('HSET', ak, 'inflight', 0) end
   if refresh(a) then wake('dl') end
 end
--- A job of `a` left its download phase for good (succeeded or failed).
+-- A job of `a` left its download phase for good (succeeded or failed). An
+-- aggregation with no job left goes: its rate state is `rate:<a>`, which expires
+-- by itself, so nothing of it is lost.
 local function end_job(a)
   local ak = P..'aggr:'..a
-  if redis.call('HINCRBY', ak, 'jobs', -1) < 0 then redis.call('HSET', ak, 'jobs', 0) end
+  if redis.call('HINCRBY', ak, 'jobs', -1) > 0 then return end
+  if tonumber(redis.call('HGET', ak, 'inflight') or '0') <= 0
+      and redis.call('LLEN', P..'pending:'..a) == 0 then
+    redis.call('DEL', ak)
+    redis.call('ZREM', P..'ratewait', a)
+    redis.call('SREM', P..'ready', a)
+  else
+    redis.call('HSET', ak, 'jobs', 0)
+  end
+end
+-- A job going back to `pending:<a>` whose aggregation was removed (its jobs were
+-- not counted: submitted before the count existed) brings its settings back.
+local function revive(a, k)
+  local ak = P..'aggr:'..a
+  if redis.call('EXISTS', ak) == 1 then return end
+  local ok, sp = pcall(cjson.decode, redis.call('HGET', k, 'spec') or '')
+  if not ok or type(sp) ~= 'table' then return end
+  local function opt(v, d) if v == nil or v == cjson.null then return d end return v end
+  redis.call('HSET', ak, 'limit', opt(sp.aggr_limit, 1), 'proxy', opt(sp.aggr_proxy, ''),
+    'rate', opt(sp.aggr_rate, 0), 'burst', opt(sp.aggr_burst, 1), 'jobs', 1)
 end
 -- GCRA (the generic cell rate algorithm) on the theoretical arrival time kept in
 -- `key` (ms, expiring once it is in the past, so an idle limiter leaves no key).
@@ -169,6 +197,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P..'dl:delayed', '-inf', now, 'L
   redis.call('ZREM', P..'dl:delayed', id)
   local a = redis.call('HGET', P..'job:'..id, 'aggr')
   if a then
+    revive(a, P..'job:'..id)
     redis.call('HSET', P..'job:'..id, 'next_at', 0)
     redis.call('RPUSH', P..'pending:'..a, id)
     refresh(a)
@@ -1086,34 +1115,68 @@ impl Store for RedisStore {
         Ok(Some(rec))
     }
 
-    async fn aggregations(&self) -> Result<Vec<AggrSummary>> {
+    async fn aggregations_page(
+        &self,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<AggrSummary>, u64)> {
         let mut conn = self.conn.clone();
-        let names: Vec<String> = conn.smembers(self.key("aggrs")).await.map_err(backend)?;
-        if names.is_empty() {
-            return Ok(Vec::new());
+        let limit = limit.min(MAX_AGGR_PAGE);
+        let key = self.key("pending_n");
+        let (total, page): (u64, Vec<(String, u64)>) = if limit == 0 {
+            (conn.zcard(&key).await.map_err(backend)?, Vec::new())
+        } else {
+            let stop = offset.saturating_add(limit - 1);
+            redis::pipe()
+                .zcard(&key)
+                .zrevrange_withscores(
+                    &key,
+                    offset as isize,
+                    stop.min(isize::MAX as usize) as isize,
+                )
+                .query_async(&mut conn)
+                .await
+                .map_err(backend)?
+        };
+        if page.is_empty() {
+            return Ok((Vec::new(), total));
         }
         let mut pipe = redis::pipe();
-        for n in &names {
-            pipe.llen(self.key(&format!("pending:{n}")));
+        for (n, _) in &page {
             pipe.zscore(self.key("ratewait"), n);
         }
-        let replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(backend)?;
-        let mut out = Vec::new();
-        for (name, r) in names.into_iter().zip(replies.chunks(2)) {
-            let pending: u64 = redis::from_redis_value_ref(&r[0])
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let wait: Option<f64> = redis::from_redis_value_ref(&r[1])
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            if pending > 0 {
-                out.push(AggrSummary {
-                    name,
-                    pending,
-                    rate_wait_until: wait.map(|w| w as u64),
-                });
-            }
+        let waits: Vec<Option<f64>> = pipe.query_async(&mut conn).await.map_err(backend)?;
+        let out = page
+            .into_iter()
+            .zip(waits)
+            .map(|((name, pending), wait)| AggrSummary {
+                name,
+                pending,
+                rate_wait_until: wait.map(|w| w as u64),
+            })
+            .collect();
+        Ok((out, total))
+    }
+
+    async fn pending_summary(&self, top: usize) -> Result<PendingSummary> {
+        let mut conn = self.conn.clone();
+        let key = self.key("pending_n");
+        let mut pipe = redis::pipe();
+        pipe.get(self.key("pending_total")).zcard(&key);
+        if top > 0 {
+            pipe.zrevrange_withscores(&key, 0, top as isize - 1);
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        let (jobs, aggregations, top): (Option<i64>, u64, Vec<(String, u64)>) = if top > 0 {
+            pipe.query_async(&mut conn).await.map_err(backend)?
+        } else {
+            let (j, a): (Option<i64>, u64) = pipe.query_async(&mut conn).await.map_err(backend)?;
+            (j, a, Vec::new())
+        };
+        Ok(PendingSummary {
+            jobs: jobs.unwrap_or(0).max(0) as u64,
+            aggregations,
+            top,
+        })
     }
 
     async fn put_stats(&self, component: &str, json: &str, ttl: Duration) -> Result<()> {

@@ -319,27 +319,84 @@ async fn stats(State(s): State<AppState>, Path(component): Path<String>) -> ApiR
     }
 }
 
+/// Aggregations one `GET /dashboard/aggregations` lists unless `limit` says otherwise.
+pub const DEFAULT_AGGR_PAGE: usize = 1000;
+
+/// `GET /dashboard/aggregations?limit=&offset=`: busiest first. The answer is the
+/// reference's array; `X-Total-Count` says how many aggregations have pending jobs
+/// store-wide and `X-Next-Offset`, when present, where the next page starts.
 async fn aggregations(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> ApiResult {
-    // A tenant sees its own aggregations, under the names it gave them.
-    let list: Vec<_> = s
-        .store
-        .aggregations()
-        .await?
-        .into_iter()
-        .filter_map(|a| {
-            let name = caller.shown_aggr(&a.name)?;
+    let (mut limit, mut offset) = (DEFAULT_AGGR_PAGE, 0usize);
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        let n = v.parse::<usize>().ok();
+        match (&*k, n) {
+            ("limit", Some(n)) if (1..=crate::store::MAX_AGGR_PAGE).contains(&n) => limit = n,
+            ("offset", Some(n)) => offset = n,
+            ("limit" | "offset", _) => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "{k} must be an integer{}, got {v:?}",
+                        if k == "limit" {
+                            format!(" from 1 to {}", crate::store::MAX_AGGR_PAGE)
+                        } else {
+                            String::new()
+                        }
+                    ),
+                ));
+            }
+            _ => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown parameter {k:?} (limit, offset)"),
+                ));
+            }
+        }
+    }
+    // A tenant sees its own aggregations, under the names it gave them: pages of
+    // everyone's are filtered, looking at no more than 10 pages' worth per request.
+    let mut list = Vec::new();
+    let mut at = offset;
+    let mut total = 0;
+    let mut next = None;
+    while list.len() < limit {
+        let (page, all) = s.store.aggregations_page(at, limit).await?;
+        total = all;
+        let n = page.len();
+        for a in page {
+            at += 1;
+            let Some(name) = caller.shown_aggr(&a.name) else {
+                continue;
+            };
             let mut v = json!({ "name": format!("jobs:{name}"), "size": a.pending });
             if let Some(until) = a.rate_wait_until {
                 v["waiting_for"] = json!("aggr_rate");
                 v["rate_wait_until"] = json!(until);
             }
-            Some(v)
-        })
-        .collect();
-    Ok(axum::Json(list).into_response())
+            list.push(v);
+            if list.len() == limit {
+                break;
+            }
+        }
+        if list.len() == limit || at - offset >= limit.saturating_mul(10) {
+            next = Some(at);
+            break;
+        }
+        if n < limit || (at as u64) >= total {
+            break;
+        }
+    }
+    let mut resp = axum::Json(list).into_response();
+    let h = resp.headers_mut();
+    h.insert("x-total-count", total.into());
+    if let Some(n) = next.filter(|n| (*n as u64) < total) {
+        h.insert("x-next-offset", n.into());
+    }
+    Ok(resp)
 }
 
 async fn job(
