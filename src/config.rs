@@ -192,6 +192,9 @@ pub struct ProcessorConfig {
     /// Milliseconds between two stats reports.
     pub stats_interval: u64,
     pub allowed_networks: Vec<String>,
+    /// Proxies jobs may name in `aggr_proxy` (URLs, host patterns, IPs or CIDRs),
+    /// trusted to reach internal addresses. Empty: a proxy must pass the address guard.
+    pub allowed_proxies: Vec<String>,
     pub retry_backoff_ms: u64,
     pub max_download_bytes: u64,
     pub lease_secs: u64,
@@ -229,6 +232,7 @@ impl Default for ProcessorConfig {
             user_agent: None,
             stats_interval: 5000,
             allowed_networks: Vec::new(),
+            allowed_proxies: Vec::new(),
             retry_backoff_ms: 120_000,
             max_download_bytes: 1 << 30,
             lease_secs: 15,
@@ -459,6 +463,7 @@ impl Config {
             crate::web::guard::parse_origin(o)
                 .map_err(|e| format!("key `api.allowed_origins[{i}]`: {e}"))?;
         }
+        self.proxy_policy()?;
         let (high, low) = (
             self.processor.disk_high_watermark_percent,
             self.processor.disk_low_watermark_percent,
@@ -524,6 +529,23 @@ impl Config {
                     })
             })
             .collect()
+    }
+
+    /// The address guard: public addresses and `processor.allowed_networks`.
+    pub fn net_guard(&self) -> Result<crate::net::NetGuard, String> {
+        Ok(crate::net::NetGuard::new(self.allowed_networks()?))
+    }
+
+    /// Which `aggr_proxy`s jobs may use (`processor.allowed_proxies`, and the guard for
+    /// proxies when that is empty). `web` and the processor both apply it.
+    pub fn proxy_policy(&self) -> Result<crate::net::ProxyPolicy, String> {
+        let guard = std::sync::Arc::new(self.net_guard()?);
+        crate::net::ProxyPolicy::new(guard, &self.processor.allowed_proxies).map_err(|(i, why)| {
+            format!(
+                "key `processor.allowed_proxies[{i}]`: {:?} is not a proxy URL, host pattern, IP or CIDR: {why}",
+                self.processor.allowed_proxies[i]
+            )
+        })
     }
 
     /// The store this config selects. The embedded store's file defaults to
@@ -658,6 +680,20 @@ mod tests {
         assert!(e.to_string().contains("notifier.deletion_interval"), "{e}");
         let e = parse(r#"{"processor":{"allowed_networks":["10.0.0.0/8","nope"]}}"#).unwrap_err();
         assert!(e.to_string().contains("allowed_networks[1]"), "{e}");
+        let e = parse(r#"{"processor":{"allowed_proxies":["http://squid.corp:3128","ftp://x"]}}"#)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("processor.allowed_proxies[1]"),
+            "{e}"
+        );
+        let cfg =
+            parse(r#"{"processor":{"allowed_proxies":["squid.corp:3128","10.0.0.0/8"]}}"#).unwrap();
+        assert!(
+            cfg.proxy_policy()
+                .unwrap()
+                .check("http://squid.corp:3128")
+                .is_ok()
+        );
         let e = parse(r#"{"redis":{"sentinel":["a:26379"],"master_name":"m"}}"#).unwrap_err();
         assert!(e.to_string().contains("not supported yet"), "{e}");
         let e = parse(r#"{"processor":{"filestorage":{"type":"s3"}}}"#).unwrap_err();

@@ -16,6 +16,8 @@ pub mod logging;
 #[cfg(feature = "service")]
 pub mod metrics;
 #[cfg(feature = "service")]
+pub mod net;
+#[cfg(feature = "service")]
 pub mod notifier;
 #[cfg(feature = "service")]
 pub mod processor;

@@ -255,6 +255,7 @@ async fn web(
         info: Arc::new(Info::new(vec!["web"], cfg.store_kind().name())),
         guard,
         aggr_settings: cfg.api.aggregation_settings,
+        proxies: Arc::new(cfg.proxy_policy().map_err(anyhow::Error::msg)?),
     };
     let thumbnailer = Arc::new(Thumbnailer::new(cfg.thumbnail.clone()));
     let app = downloader::web::router(state, cfg.api.max_body_bytes, None, thumbnailer);
@@ -303,6 +304,7 @@ async fn serve(
         )),
         guard,
         aggr_settings: cfg.api.aggregation_settings,
+        proxies: Arc::new(cfg.proxy_policy().map_err(anyhow::Error::msg)?),
     };
     let root = cfg.storage_root().map_err(anyhow::Error::msg)?;
     let app = downloader::web::router(state, cfg.api.max_body_bytes, Some(root), thumbnailer);

@@ -11,8 +11,8 @@ use futures_util::StreamExt;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use tokio::io::AsyncWriteExt;
 
-use super::net::{AddressRefused, GuardedResolver, NetGuard};
 use crate::job::{JobRecord, MimePattern, relative_path, sniff_mime};
+use crate::net::{AddressRefused, GuardedResolver, NetGuard, ProxyPolicy, ProxyVerdict, classify};
 
 /// Bytes sniffed for the MIME type before the check runs.
 const SNIFF_BYTES: usize = 1024;
@@ -45,6 +45,7 @@ pub enum Outcome {
 
 pub struct Fetcher {
     guard: Arc<NetGuard>,
+    proxies: ProxyPolicy,
     clients: Mutex<HashMap<Option<String>, reqwest::Client>>,
     headers: HeaderMap,
     max_bytes: u64,
@@ -54,7 +55,7 @@ pub struct Fetcher {
 
 impl Fetcher {
     pub fn new(
-        guard: NetGuard,
+        proxies: ProxyPolicy,
         headers: &BTreeMap<String, String>,
         max_bytes: u64,
         default_timeout: Duration,
@@ -62,7 +63,8 @@ impl Fetcher {
     ) -> anyhow::Result<Fetcher> {
         crate::install_crypto_provider();
         Ok(Fetcher {
-            guard: Arc::new(guard),
+            guard: proxies.guard().clone(),
+            proxies,
             clients: Mutex::new(HashMap::new()),
             headers: header_map(headers)?,
             max_bytes,
@@ -71,8 +73,10 @@ impl Fetcher {
         })
     }
 
-    fn client(&self, proxy: Option<&str>) -> Result<reqwest::Client, String> {
-        let key = proxy.map(str::to_string);
+    /// The client for `proxy` (none, or one the policy accepted). One per proxy: its
+    /// resolver trusts the proxy's host name when the operator listed the proxy.
+    fn client(&self, proxy: Option<(&str, &ProxyVerdict)>) -> Result<reqwest::Client, String> {
+        let key = proxy.map(|(p, _)| p.to_string());
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
@@ -91,13 +95,16 @@ impl Fetcher {
             .connect_timeout(CONNECT_TIMEOUT)
             .redirect(policy)
             .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver {
-                guard: self.guard.clone(),
-                timeout: CONNECT_TIMEOUT,
-            }))
+            .dns_resolver(Arc::new(
+                GuardedResolver::new(self.guard.clone(), CONNECT_TIMEOUT).trusting(
+                    proxy
+                        .filter(|(_, v)| v.trusted)
+                        .map(|(_, v)| v.host.as_str()),
+                ),
+            ))
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true);
-        if let Some(p) = proxy {
+        if let Some((p, _)) = proxy {
             b = b.proxy(reqwest::Proxy::all(p).map_err(|e| format!("invalid proxy {p}: {e}"))?);
         }
         let c = b
@@ -126,11 +133,19 @@ impl Fetcher {
             Ok(u) => u,
             Err(e) => return fail(format!("invalid URL: {e}")),
         };
-        if proxy.is_none()
-            && let Err(e) = self.guard.check_url(&url)
-        {
+        // Also behind a proxy: it would resolve a name itself, but it would reach a
+        // literal internal address (or localhost) just the same.
+        if let Err(e) = self.guard.check_url(&url) {
             return fail(e.to_string());
         }
+        // Again here, not only at submit: the config may have changed since, or an
+        // older web accepted the job. Refused: final, retrying would not help.
+        let proxy = match proxy.map(|p| self.proxies.check(p).map(|v| (p, v))) {
+            None => None,
+            Some(Ok(pv)) => Some(pv),
+            Some(Err(e)) => return fail(e.to_string()),
+        };
+        let proxy = proxy.as_ref().map(|(p, v)| (*p, v));
         let mime = match MimePattern::parse(&job.spec.mime_type) {
             Ok(m) => m,
             Err(e) => return fail(e.0),
@@ -158,7 +173,16 @@ impl Fetcher {
             .await
         {
             Ok(r) => r,
-            Err(e) => return classify(&e, 0, timeout),
+            Err(e) => {
+                if let Some((_, v)) = proxy
+                    && let Some(r) = find::<AddressRefused>(&e)
+                    && classify::normalize_name(&r.host) == v.host
+                {
+                    // The proxy's own name resolved to no permitted address.
+                    return fail(v.refused(r).to_string());
+                }
+                return classify(&e, 0, timeout);
+            }
         };
         let code = resp.status().as_u16();
         if !resp.status().is_success() {

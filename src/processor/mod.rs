@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub mod fetch;
-pub mod net;
 
 use crate::config::Config;
 use crate::job::{JobRecord, ThumbnailInfo};
@@ -20,7 +19,6 @@ use crate::store::{Claimed, DownloadResult, HostLimits, HostPermit, Queue, Store
 use crate::thumbnail::Thumbnailer;
 use crate::worker::{self, Handler, WorkerConfig, persist};
 use fetch::{Fetcher, Outcome};
-use net::NetGuard;
 
 /// Pauses asked by an origin (429/503 with Retry-After) that a job may take without
 /// spending a retry; further ones are ordinary retries.
@@ -53,9 +51,9 @@ impl Processor {
         let root = cfg.storage_root().map_err(anyhow::Error::msg)?;
         std::fs::create_dir_all(&root)
             .map_err(|e| anyhow::anyhow!("cannot create storage dir {}: {e}", root.display()))?;
-        let guard = NetGuard::new(cfg.allowed_networks().map_err(anyhow::Error::msg)?);
+        let proxies = cfg.proxy_policy().map_err(anyhow::Error::msg)?;
         let fetcher = Fetcher::new(
-            guard,
+            proxies,
             &cfg.default_headers(),
             cfg.processor.max_download_bytes,
             Duration::from_secs(cfg.processor.download_timeout),

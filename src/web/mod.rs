@@ -41,6 +41,8 @@ pub struct AppState {
     pub aggr_settings: AggrSettings,
     /// `request_headers` caps of `POST /download` (`api.max_request_headers*`).
     pub submit_limits: crate::job::SubmitLimits,
+    /// Which `aggr_proxy`s a job may name (the processor applies the same).
+    pub proxies: Arc<crate::net::ProxyPolicy>,
 }
 
 /// What `GET /info` reports about this process.
@@ -233,6 +235,7 @@ async fn submit(
     let mut spec = JobSpec::from_json_with(&body, &s.submit_limits)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.0))?;
     spec.tenant = caller.tenant;
+    check_proxy(&s.proxies, &spec)?;
     let id = new_id();
     s.store.submit_with(&id, &spec, s.aggr_settings).await?;
     crate::metrics::metrics().jobs_submitted.inc();
@@ -244,6 +247,17 @@ async fn submit(
         "job submitted"
     );
     Ok((StatusCode::CREATED, axum::Json(json!({ "id": id }))).into_response())
+}
+
+/// A job's `aggr_proxy` that the proxy rules refuse is a 400 naming the field.
+fn check_proxy(policy: &crate::net::ProxyPolicy, spec: &JobSpec) -> Result<(), ApiError> {
+    match &spec.aggr_proxy {
+        Some(p) => policy
+            .check(p)
+            .map(|_| ())
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string())),
+        None => Ok(()),
+    }
 }
 
 /// The job, if it exists and is the caller's to see (another tenant's job is as
