@@ -255,7 +255,7 @@ impl JobSpec {
             Some(p) => {
                 let u = url::Url::parse(p)
                     .map_err(|e| invalid(format!("aggr_proxy is not a valid URL: {e}")))?;
-                if !matches!(u.scheme(), "http" | "https" | "socks5" | "socks5h") {
+                if !crate::net::proxy::SCHEMES.contains(&u.scheme()) {
                     return Err(invalid(
                         "aggr_proxy must be an http, https, socks5 or socks5h URL",
                     ));

@@ -428,9 +428,14 @@ impl Drop for TempFile {
     }
 }
 
+/// The headers as a map, without the forbidden ones: `web` refuses them at submit,
+/// but a job stored by an older version may still carry one.
 fn header_map(h: &BTreeMap<String, String>) -> anyhow::Result<HeaderMap> {
     let mut map = HeaderMap::new();
     for (k, v) in h {
+        if crate::job::is_forbidden_request_header(k) {
+            continue;
+        }
         map.insert(
             HeaderName::from_bytes(k.as_bytes())?,
             HeaderValue::from_str(v)?,
