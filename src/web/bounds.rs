@@ -601,6 +601,10 @@ impl ServerIo {
                 self.conn.writing.store(true, Ordering::Release);
                 if stall.as_mut().poll(cx).is_ready() {
                     self.timed_out = true;
+                    // Closed with a reset: the kernel drops the unsent rest of the
+                    // response at once instead of offering it to a client that does
+                    // not read for minutes.
+                    let _ = self.inner.set_zero_linger();
                     count_refusal("write_deadline");
                     tracing::debug!("response write timed out: the client does not read");
                     return Poll::Ready(Err(self.timed_out_error()));
@@ -716,6 +720,71 @@ mod tests {
         };
         assert!(c.state.evict.is_cancelled() && !f.state.health_only);
         drop(rb);
+    }
+
+    fn bounded<B>(inner: B, budget: &ByteBudget, total: Duration) -> BoundedBody<B> {
+        BoundedBody {
+            inner,
+            reservation: Some(Arc::new(Mutex::new(budget.try_acquire(0).unwrap()))),
+            received: 0,
+            deadline: Some(Box::pin(tokio::time::sleep(total))),
+            total_timeout: total,
+            failed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn chunks(sizes: &[usize]) -> impl HttpBody<Data = Bytes, Error = Infallible> + Unpin {
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = sizes
+            .iter()
+            .map(|&n| Ok(Frame::data(Bytes::from(vec![7u8; n]))))
+            .collect();
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_reserves_as_it_arrives_and_stops_at_the_budget() {
+        use http_body_util::BodyExt;
+        let budget = ByteBudget::new(200 << 10);
+        let long = Duration::from_secs(3600);
+        // 150 KiB in three chunks fits, reserved in steps of at least CHUNKED_STEP.
+        let mut body = bounded(chunks(&[1000, 100 << 10, 49 << 10]), &budget, long);
+        while let Some(f) = body.frame().await {
+            f.unwrap();
+        }
+        assert!(budget.used() >= 150 << 10 && budget.used() <= 200 << 10);
+        assert!(!body.failed.load(Ordering::Acquire));
+        drop(body);
+        assert_eq!(budget.used(), 0, "given back with the body");
+        // 250 KiB does not: the chunk that would overdraw it fails the body.
+        let mut body = bounded(chunks(&[100 << 10, 100 << 10, 50 << 10]), &budget, long);
+        let mut err = None;
+        while let Some(f) = body.frame().await {
+            if let Err(e) = f {
+                err = Some(e);
+            }
+        }
+        let err = err.expect("the body failed");
+        assert_eq!(body_failure(&*err), Some(BodyFailure::Budget));
+        assert!(body.failed.load(Ordering::Acquire) && body.is_end_stream());
+        assert!(budget.used() <= 200 << 10);
+        drop(body);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_past_its_total_deadline_fails() {
+        use http_body_util::BodyExt;
+        let budget = ByteBudget::new(1 << 20);
+        let silent = http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<Frame<Bytes>, Infallible>,
+        >());
+        let mut body = bounded(silent, &budget, Duration::from_millis(50));
+        let f = tokio::time::timeout(Duration::from_secs(30), body.frame())
+            .await
+            .expect("the deadline ended the wait");
+        let err = f.expect("a frame").expect_err("an error");
+        assert_eq!(body_failure(&*err), Some(BodyFailure::Deadline));
+        assert!(body.failed.load(Ordering::Acquire));
     }
 
     #[test]
