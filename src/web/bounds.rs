@@ -577,18 +577,20 @@ impl ServerIo {
     }
 
     /// Passes a write's outcome on; a write that waits starts (or goes on with) the
-    /// stall timer, and fails once it has run out.
+    /// stall timer, and fails once it has run out. Only a finished write (`wrote`:
+    /// bytes went into the socket) stops the timer, not a flush in between.
     fn progress<T>(
         &mut self,
         cx: &mut Context<'_>,
         r: Poll<std::io::Result<T>>,
+        wrote: bool,
     ) -> Poll<std::io::Result<T>> {
         if self.timed_out {
             return Poll::Ready(Err(self.timed_out_error()));
         }
         match r {
             Poll::Ready(r) => {
-                if self.stall.take().is_some() {
+                if wrote && self.stall.take().is_some() {
                     self.conn.writing.store(false, Ordering::Release);
                 }
                 Poll::Ready(r)
@@ -641,7 +643,7 @@ impl AsyncWrite for ServerIo {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.progress(cx, r)
+        this.progress(cx, r, true)
     }
 
     fn poll_write_vectored(
@@ -651,7 +653,7 @@ impl AsyncWrite for ServerIo {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.progress(cx, r)
+        this.progress(cx, r, true)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -661,7 +663,7 @@ impl AsyncWrite for ServerIo {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_flush(cx);
-        this.progress(cx, r)
+        this.progress(cx, r, false)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

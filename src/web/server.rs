@@ -8,6 +8,9 @@
 //!   such a connection still gets its one request answered (keep-alive off), then closes.
 //! - It has no header-read or body-read timeout: a slowloris client holds a
 //!   connection (and a task) forever.
+//!
+//! Every connection is also bounded by [`super::bounds`]: a slot out of
+//! `api.max_connections`, a request-body budget and deadline, a response write deadline.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
