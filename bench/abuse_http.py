@@ -2,7 +2,7 @@
 """Hostile HTTP clients for bench/abuse-http; prints one JSON line per scenario.
 
   abuse_http.py bodies  PORT N SIZE      N concurrent POST /thumbnail bodies of SIZE bytes
-  abuse_http.py trickle PORT SIZE GAP    SIZE-1 bytes at once, then 1 byte every GAP s
+  abuse_http.py trickle PORT SIZE GAP    SIZE-1000 bytes at once, then 1 byte every GAP s
   abuse_http.py idle    PORT N           N idle connections held open
 
 While the abuse runs, a victim (POST /download, or GET /hb for `idle`) is timed on a
@@ -20,10 +20,10 @@ JOB = json.dumps({"aggr_id": "bench-abuse", "aggr_limit": 1,
                   "url": "http://127.0.0.1:9/f", "callback_url": "http://127.0.0.1:9/cb"})
 
 
-async def read_response(reader):
+async def read_response(reader, timeout=TIMEOUT):
     """Status and body of one response (Content-Length framed), or (0, error)."""
     try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
     except Exception as e:  # reset, EOF, timeout
         return 0, type(e).__name__
     lines = head.decode("latin-1").split("\r\n")
@@ -123,9 +123,11 @@ async def trickle(port, size, gap):
     t = time.monotonic()
     w.write(b"POST /thumbnail?width=64&height=64 HTTP/1.1\r\nHost: x\r\n"
             b"Content-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % size)
-    w.write(b"\0" * (size - 1))
+    # 1000 bytes short: dripped one at a time, the body would take 1000 gaps.
+    w.write(b"\0" * (size - 1000))
     await asyncio.wait_for(w.drain(), TIMEOUT)
-    answer = asyncio.ensure_future(read_response(r))
+    # The server answers when it gives up on the body: wait for longer than it may.
+    answer = asyncio.ensure_future(read_response(r, 600))
 
     async def drip():
         while True:
@@ -184,6 +186,15 @@ def main():
         out = asyncio.run(idle(port, int(sys.argv[3])))
     else:
         sys.exit(f"unknown scenario {cmd}")
+    got = ", ".join(f"{v}x {k}" for k, v in sorted(out.get("statuses", {}).items()))
+    if "held_seconds" in out:
+        got += f", held {out['held_seconds']} s"
+    if "opened" in out:
+        got = f"{out['opened']} opened, {out['closed_by_server']} closed by the server"
+    statuses = ", ".join(f"{v}x {k}" for k, v in sorted(out["victim_statuses"].items()))
+    out["got"] = got
+    out["victim_text"] = (f"{out['victim']}: max {out['victim_max_ms']} / p50 "
+                          f"{out['victim_p50_ms']} ms ({statuses})")
     print(json.dumps(out))
 
 
