@@ -109,6 +109,17 @@ pub struct ApiConfig {
     pub header_timeout_secs: f64,
     /// Seconds a request body may stall between two chunks.
     pub body_timeout_secs: f64,
+    /// Seconds from a request's header to the end of its body, however steadily it
+    /// trickles in.
+    pub body_total_timeout_secs: f64,
+    /// Seconds a response write may wait for the client to read before the connection
+    /// is dropped.
+    pub response_timeout_secs: f64,
+    /// Bytes of request bodies held at once by the whole process; a body that does not
+    /// fit is refused (503) before a byte of it is read.
+    pub max_inflight_body_bytes: u64,
+    /// Connections per listener that serve requests; default from the open-file limit.
+    pub max_connections: Option<usize>,
     /// Seconds shutdown waits for open connections to finish.
     pub shutdown_grace_secs: f64,
     /// Bearer tokens (`downloader token new`). Empty: the API is open to whoever
@@ -141,6 +152,10 @@ impl Default for ApiConfig {
             max_body_bytes: None,
             header_timeout_secs: 30.0,
             body_timeout_secs: 30.0,
+            body_total_timeout_secs: 120.0,
+            response_timeout_secs: 30.0,
+            max_inflight_body_bytes: crate::web::server::DEFAULT_BODY_BUDGET,
+            max_connections: None,
             shutdown_grace_secs: 30.0,
             tokens: Vec::new(),
             public_endpoints: Vec::new(),
@@ -163,12 +178,20 @@ impl ApiConfig {
         }
     }
 
-    /// The server's timeouts.
+    /// The server's timeouts and caps, with a new body budget: call it once per
+    /// process and give clones to its listeners, so that they share the budget.
     pub fn limits(&self) -> crate::web::Limits {
+        use crate::web::server;
         crate::web::Limits {
             header_timeout: Duration::from_secs_f64(self.header_timeout_secs),
             body_timeout: Duration::from_secs_f64(self.body_timeout_secs),
+            body_total_timeout: Duration::from_secs_f64(self.body_total_timeout_secs),
+            response_timeout: Duration::from_secs_f64(self.response_timeout_secs),
             shutdown_grace: Duration::from_secs_f64(self.shutdown_grace_secs),
+            max_connections: self
+                .max_connections
+                .unwrap_or_else(|| server::default_max_connections(server::fd_limit())),
+            body_budget: crate::budget::ByteBudget::new(self.max_inflight_body_bytes),
         }
     }
 }
@@ -323,6 +346,29 @@ impl Config {
         }
     }
 
+    /// Warns when `api.max_inflight_body_bytes` is smaller than a body a route takes
+    /// (`api.max_body_bytes`, `thumbnail.max_input_bytes`): such bodies are refused with
+    /// a 413 naming the budget. Call once logging is set up.
+    pub fn warn_body_budget(&self) {
+        let budget = self.api.max_inflight_body_bytes;
+        for (key, limit) in [
+            (
+                "api.max_body_bytes",
+                self.api.max_body_bytes.unwrap_or(1 << 20) as u64,
+            ),
+            ("thumbnail.max_input_bytes", self.thumbnail.max_input_bytes),
+        ] {
+            if limit > budget {
+                tracing::warn!(
+                    key,
+                    limit,
+                    max_inflight_body_bytes = budget,
+                    "api.max_inflight_body_bytes is below this body limit: larger bodies are refused (413)"
+                );
+            }
+        }
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -373,6 +419,11 @@ impl Config {
         for (key, v) in [
             ("api.header_timeout_secs", self.api.header_timeout_secs),
             ("api.body_timeout_secs", self.api.body_timeout_secs),
+            (
+                "api.body_total_timeout_secs",
+                self.api.body_total_timeout_secs,
+            ),
+            ("api.response_timeout_secs", self.api.response_timeout_secs),
             ("api.shutdown_grace_secs", self.api.shutdown_grace_secs),
         ] {
             if !(v > 0.0 && v < 1e6) {
@@ -389,6 +440,12 @@ impl Config {
         }
         if self.notifier.concurrency == 0 {
             return Err("key `notifier.concurrency`: must be greater than 0".into());
+        }
+        if self.api.max_inflight_body_bytes == 0 {
+            return Err("key `api.max_inflight_body_bytes`: must be greater than 0".into());
+        }
+        if self.api.max_connections == Some(0) {
+            return Err("key `api.max_connections`: must be greater than 0".into());
         }
         for (key, v) in [
             ("processor.stats_interval", self.processor.stats_interval),

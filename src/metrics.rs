@@ -63,6 +63,11 @@ pub struct Metrics {
     pub claims_paused: Gauge,
     pub storage_used_percent: Gauge<f64, AtomicU64>,
     pub disk_checks: Counter,
+    /// Connections and requests the HTTP servers refused or cut off, by reason
+    /// ([`crate::web::bounds::REFUSAL_REASONS`]).
+    pub http_refused: Family<ReasonLabel, Counter>,
+    /// Idle connections closed to make room for a new one at `api.max_connections`.
+    pub http_idle_closed: Counter,
     scrape: Arc<Scrape>,
 }
 
@@ -111,6 +116,8 @@ impl Metrics {
             claims_paused: Gauge::default(),
             storage_used_percent: Gauge::default(),
             disk_checks: Counter::default(),
+            http_refused: Family::default(),
+            http_idle_closed: Counter::default(),
             scrape: Arc::new(Scrape::default()),
         };
         r.register(
@@ -209,6 +216,21 @@ impl Metrics {
             "Looks at the storage filesystem's usage",
             m.disk_checks.clone(),
         );
+        r.register(
+            "http_refused",
+            "Connections and requests the HTTP servers refused or cut off, by reason (connections, body_budget, body_deadline, write_deadline)",
+            m.http_refused.clone(),
+        );
+        r.register(
+            "http_idle_closed",
+            "Idle connections closed to make room for a new one at api.max_connections",
+            m.http_idle_closed.clone(),
+        );
+        for reason in crate::web::bounds::REFUSAL_REASONS {
+            m.http_refused
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(0);
+        }
         // Every reason from the start, so that rates work before its first failure.
         for &reason in FAILURE_REASONS {
             m.jobs_failed

@@ -258,6 +258,7 @@ async fn web(
         proxies: Arc::new(cfg.proxy_policy().map_err(anyhow::Error::msg)?),
     };
     let thumbnailer = Arc::new(Thumbnailer::new(cfg.thumbnail.clone()));
+    cfg.warn_body_budget();
     let app = downloader::web::router(state, cfg.api.max_body_bytes, None, thumbnailer);
     let sd = downloader::systemd::ready(shutdown.clone());
     downloader::web::serve(listener, app, shutdown, cfg.api.limits()).await?;
@@ -307,6 +308,7 @@ async fn serve(
         proxies: Arc::new(cfg.proxy_policy().map_err(anyhow::Error::msg)?),
     };
     let root = cfg.storage_root().map_err(anyhow::Error::msg)?;
+    cfg.warn_body_budget();
     let app = downloader::web::router(state, cfg.api.max_body_bytes, Some(root), thumbnailer);
     tracing::info!(download_url = %cfg.download_url().unwrap_or_default(), "serve started");
     let sd = downloader::systemd::ready(shutdown.clone());

@@ -19,6 +19,7 @@ use tower_http::trace::TraceLayer;
 use crate::job::{JobSpec, is_valid_id, new_id};
 use crate::store::{AggrSettings, RetryCallback, Store};
 
+pub mod bounds;
 pub mod callbacks;
 pub mod files;
 pub mod guard;
@@ -88,14 +89,24 @@ impl From<crate::store::StoreError> for ApiError {
 pub(crate) type ApiResult = Result<Response, ApiError>;
 
 /// A request body that could not be read: 408 when it stalled, else the rejection's own status.
+/// A body over its total deadline is a 408 too, and one that outgrew the body budget
+/// a 503 (the connection is closed after either: see [`bounds::Bounded`]).
 pub fn body_error(e: BytesRejection) -> ApiError {
-    if server::is_body_timeout(&e) {
-        return ApiError(
+    match bounds::body_failure(&e) {
+        Some(bounds::BodyFailure::Stalled) => ApiError(
             StatusCode::REQUEST_TIMEOUT,
             "request body timed out: the client stopped sending".into(),
-        );
+        ),
+        Some(bounds::BodyFailure::Deadline) => ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body timed out: not complete within api.body_total_timeout_secs".into(),
+        ),
+        Some(bounds::BodyFailure::Budget) => ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}; retry later", bounds::BodyBudgetSpent),
+        ),
+        None => ApiError(e.status(), format!("cannot read request body: {e}")),
     }
-    ApiError(e.status(), format!("cannot read request body: {e}"))
 }
 
 /// The API's routes and `POST /thumbnail`; with `files`, also serves that directory
