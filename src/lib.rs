@@ -5,6 +5,7 @@
 
 #[cfg(feature = "service")]
 pub mod auth;
+pub mod budget;
 #[cfg(feature = "service")]
 pub mod config;
 #[cfg(feature = "service")]
