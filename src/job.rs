@@ -176,6 +176,8 @@ pub struct SubmitLimits {
     pub max_request_headers: usize,
     /// Most bytes of `request_headers` names and values together.
     pub max_request_headers_bytes: usize,
+    /// Largest `thumbnails[i]` box, width × height (`thumbnail.max_output_pixels`).
+    pub max_thumbnail_pixels: u64,
 }
 
 impl Default for SubmitLimits {
@@ -183,6 +185,7 @@ impl Default for SubmitLimits {
         SubmitLimits {
             max_request_headers: DEFAULT_MAX_REQUEST_HEADERS,
             max_request_headers_bytes: DEFAULT_MAX_REQUEST_HEADERS_BYTES,
+            max_thumbnail_pixels: crate::thumbnail::Config::default().max_output_pixels,
         }
     }
 }
@@ -419,6 +422,11 @@ impl JobSpec {
                 for (i, v) in list.iter().enumerate() {
                     let spec = crate::thumbnail::Spec::from_json_at(v, &format!("thumbnails[{i}]"))
                         .map_err(invalid)?;
+                    spec.check_output_pixels(
+                        limits.max_thumbnail_pixels,
+                        &format!("thumbnails[{i}]."),
+                    )
+                    .map_err(invalid)?;
                     if !names.insert(spec.name.clone()) {
                         return Err(invalid(format!(
                             "thumbnails[{i}].name {:?} is used twice",
@@ -803,6 +811,7 @@ mod tests {
         let tight = SubmitLimits {
             max_request_headers: 2,
             max_request_headers_bytes: 6,
+            ..SubmitLimits::default()
         };
         assert!(with_headers(serde_json::json!({"A": 12345}), &tight).is_ok());
         assert!(with_headers(serde_json::json!({"A": 123456}), &tight).is_err());
