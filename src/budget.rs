@@ -111,6 +111,16 @@ impl ByteBudget {
             .free
     }
 
+    /// Requests waiting for their bytes.
+    pub fn waiters(&self) -> usize {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queue
+            .len()
+    }
+
     fn grant(&self, n: u64) -> Reservation {
         Reservation {
             inner: self.inner.clone(),
@@ -253,7 +263,7 @@ mod tests {
         });
         // Not granted while 80 are held (the waiter is queued, so try_acquire of what is
         // free fails too: arrival order).
-        wait_until(|| b.inner.state.lock().unwrap().queue.len() == 1);
+        wait_until(|| b.waiters() == 1);
         assert!(rx.try_recv().is_err());
         assert!(b.try_acquire(10).is_err());
         drop(held);
@@ -279,7 +289,7 @@ mod tests {
                 tx.send(i).unwrap();
                 r
             }));
-            wait_until(|| b.inner.state.lock().unwrap().queue.len() == i + 1);
+            wait_until(|| b.waiters() == i + 1);
         }
         drop(held);
         assert_eq!(rx.recv_timeout(Duration::from_secs(60)).unwrap(), 0);

@@ -90,6 +90,15 @@ pub fn probe(input: &[u8]) -> Result<Probe, Error> {
             .info()
             .ok_or_else(|| Error::Corrupt("corrupt JPEG: no frame header".into()))?;
         (info.width as u32, info.height as u32)
+    } else if format == Format::Png {
+        // Straight from IHDR, the first chunk: the `image` wrapper would parse the chunks
+        // that follow it too, and inflate an iCCP chunk without a bound.
+        if input.len() < 33 || &input[12..16] != b"IHDR" {
+            return Err(Error::Corrupt("corrupt PNG: no IHDR chunk first".into()));
+        }
+        let be =
+            |i: usize| u32::from_be_bytes([input[i], input[i + 1], input[i + 2], input[i + 3]]);
+        (be(16), be(20))
     } else {
         let r = ImageReader::with_format(Cursor::new(input), image_format(format));
         r.into_dimensions().map_err(|e| image_err(format, e))?
@@ -1050,8 +1059,9 @@ pub fn layout(input: &[u8], p: &Probe) -> Layout {
 ///   copy for GIF, TIFF and BMP, WebP's YUV planes — and the 8-bit copy made of a 16-bit
 ///   or opaque-alpha result;
 /// - rendering one spec: the source copy premultiplied for alpha, the resizer's
-///   intermediate rows, three output-sized buffers (resized, converted or flattened,
-///   oriented), the encoder's own planes and its output (≤ `max_output_bytes`);
+///   intermediate rows, two output-sized buffers alive at once (resized, then converted,
+///   flattened or oriented), the encoder's own copy or planes and its output
+///   (≤ `max_output_bytes`);
 /// - [`FIXED_OVERHEAD`].
 pub fn estimate(input: &[u8], p: &Probe, specs: &[&Spec], cfg: &Config) -> u64 {
     let lay = layout(input, p);
@@ -1102,12 +1112,16 @@ pub fn estimate(input: &[u8], p: &Probe, specs: &[&Spec], cfg: &Config) -> u64 {
                 (pl.crop.2 / den as f64).ceil() as u64,
                 (pl.crop.3 / den as f64).ceil() as u64,
             );
-            let premultiplied = if ch8 % 2 == 0 { cw * chh * ch8 } else { 0 };
+            let premultiplied = if ch8.is_multiple_of(2) {
+                cw * chh * ch8
+            } else {
+                0
+            };
             // Either pass may come first; intermediate rows in 4 channels.
             let intermediate = (ow * chh).max(cw * oh) * 4;
-            let outputs = ow * oh * 4 * 3;
+            let outputs = ow * oh * 4 * 2;
             let fmt = s.format.resolve(p.format);
-            let encoder = ow * oh * 4 * 2
+            let encoder = ow * oh * 4
                 + worst_case_bytes(fmt, pl.out_w, pl.out_h)
                     .unwrap_or(ow * oh * 4 + 1024)
                     .min(cfg.max_output_bytes);
@@ -1209,7 +1223,7 @@ fn decode_png(input: &[u8], p: &Probe, cfg: &Config) -> Result<Decoded, Error> {
     let orientation = info
         .exif_metadata
         .as_deref()
-        .and_then(|e| Orientation::from_exif_chunk(e))
+        .and_then(Orientation::from_exif_chunk)
         .unwrap_or(Orientation::NoTransforms);
     let (ct, depth) = reader.output_color_type();
     if depth != png::BitDepth::Eight {
