@@ -175,6 +175,7 @@ impl ApiConfig {
             max_request_headers: self.max_request_headers,
             max_request_headers_bytes: self.max_request_headers_bytes,
             max_extra_bytes: self.max_extra_bytes,
+            ..Default::default()
         }
     }
 
@@ -339,6 +340,15 @@ fn err(file: &Path, message: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
+    /// What `POST /download` accepts besides the body size: the `api.*` caps and the
+    /// largest thumbnail box (`thumbnail.max_output_pixels`).
+    pub fn submit_limits(&self) -> crate::job::SubmitLimits {
+        crate::job::SubmitLimits {
+            max_thumbnail_pixels: self.thumbnail.max_output_pixels,
+            ..self.api.submit_limits()
+        }
+    }
+
     /// Logs a warning for each ignored key of the file at `path`. Call once logging is set up.
     pub fn warn_ignored_keys(&self, path: &Path) {
         for key in &self.ignored_keys {
@@ -471,8 +481,24 @@ impl Config {
             }
         }
         self.log.filter()?;
-        if self.thumbnail.threads == 0 {
-            return Err("key `thumbnail.threads`: must be greater than 0".into());
+        for (key, v) in [
+            ("thumbnail.threads", self.thumbnail.threads as u64),
+            (
+                "thumbnail.max_output_pixels",
+                self.thumbnail.max_output_pixels,
+            ),
+            (
+                "thumbnail.max_output_bytes",
+                self.thumbnail.max_output_bytes,
+            ),
+            (
+                "thumbnail.max_memory_bytes",
+                self.thumbnail.max_memory_bytes,
+            ),
+        ] {
+            if v == 0 {
+                return Err(format!("key `{key}`: must be greater than 0"));
+            }
         }
         let p = &self.processor;
         if !(p.per_host_rate == 0.0

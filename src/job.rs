@@ -181,6 +181,8 @@ pub struct SubmitLimits {
     pub max_request_headers_bytes: usize,
     /// Most bytes of `extra`.
     pub max_extra_bytes: usize,
+    /// Largest `thumbnails[i]` box, width × height (`thumbnail.max_output_pixels`).
+    pub max_thumbnail_pixels: u64,
 }
 
 impl Default for SubmitLimits {
@@ -189,6 +191,7 @@ impl Default for SubmitLimits {
             max_request_headers: DEFAULT_MAX_REQUEST_HEADERS,
             max_request_headers_bytes: DEFAULT_MAX_REQUEST_HEADERS_BYTES,
             max_extra_bytes: DEFAULT_MAX_EXTRA_BYTES,
+            max_thumbnail_pixels: crate::thumbnail::Config::default().max_output_pixels,
         }
     }
 }
@@ -432,6 +435,11 @@ impl JobSpec {
                 for (i, v) in list.iter().enumerate() {
                     let spec = crate::thumbnail::Spec::from_json_at(v, &format!("thumbnails[{i}]"))
                         .map_err(invalid)?;
+                    spec.check_output_pixels(
+                        limits.max_thumbnail_pixels,
+                        &format!("thumbnails[{i}]."),
+                    )
+                    .map_err(invalid)?;
                     if !names.insert(spec.name.clone()) {
                         return Err(invalid(format!(
                             "thumbnails[{i}].name {:?} is used twice",

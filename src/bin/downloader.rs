@@ -251,7 +251,7 @@ async fn web(
     let state = downloader::web::AppState {
         store,
         heartbeat_path: cfg.api.heartbeat_path.clone(),
-        submit_limits: cfg.api.submit_limits(),
+        submit_limits: cfg.submit_limits(),
         info: Arc::new(Info::new(vec!["web"], cfg.store_kind().name())),
         guard,
         aggr_settings: cfg.api.aggregation_settings,
@@ -298,7 +298,7 @@ async fn serve(
     let state = downloader::web::AppState {
         store,
         heartbeat_path: cfg.api.heartbeat_path.clone(),
-        submit_limits: cfg.api.submit_limits(),
+        submit_limits: cfg.submit_limits(),
         info: Arc::new(Info::new(
             vec!["web", "processor", "notifier"],
             cfg.store_kind().name(),

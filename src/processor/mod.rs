@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::job::{JobRecord, ThumbnailInfo};
 use crate::stats::Stats;
 use crate::store::{Claimed, DownloadResult, HostLimits, HostPermit, Queue, Store, WaitReason};
-use crate::thumbnail::Thumbnailer;
+use crate::thumbnail::{Class, Thumbnailer};
 use crate::worker::{self, Handler, WorkerConfig, persist};
 use fetch::{Fetcher, Outcome};
 
@@ -166,13 +166,17 @@ impl Processor {
             None => self.read_for_thumbnails(&job.id).await?,
         };
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
-        let results = self
+        let mut made = Vec::with_capacity(names.len());
+        // One at a time: the worker makes the next thumbnail only once this one is
+        // written, so the job holds one decoded image and one output at a time.
+        let deadline = std::time::Instant::now() + crate::thumbnail::JOB_MEMORY_WAIT;
+        let mut results = self
             .thumbnailer
-            .make_many(data, specs)
+            .start(data, specs, Class::Job, deadline)
             .await
             .map_err(|e| format!("thumbnails: {e}"))?;
-        let mut made = Vec::with_capacity(names.len());
-        for (name, t) in names.into_iter().zip(results) {
+        while let Some((i, t)) = results.next().await {
+            let name = &names[i];
             let t = t.map_err(|e| format!("thumbnail {name}: {e}"))?;
             let rel = format!(
                 "{}.{name}.{}",
@@ -184,13 +188,20 @@ impl Processor {
                 .await
                 .map_err(|e| format!("thumbnail {name}: cannot store it: {e}"))?;
             made.push(ThumbnailInfo {
-                name,
+                name: name.clone(),
                 path: rel,
                 width: t.width,
                 height: t.height,
                 format: format_name(t.format),
                 bytes,
             });
+        }
+        if made.len() != names.len() {
+            return Err(format!(
+                "thumbnails: {} of {} made (the thumbnail worker stopped)",
+                made.len(),
+                names.len()
+            ));
         }
         Ok(made)
     }

@@ -1,6 +1,7 @@
 //! `POST /thumbnail?width=&height=&fit=&format=&quality=&progressive=&enlarge=&background=`
 //! with the image as the body; answers the thumbnail bytes with their Content-Type, or
-//! `{"error": "..."}` with 400 / 413 / 415 / 422 (503 when the work takes too long).
+//! `{"error": "..."}` with 400 / 413 / 415 / 422 (503 when the work takes too long or
+//! the thumbnail memory budget has no room for it in that time).
 //! `GET /thumbnail/stats` answers the [`Stats`](super::Stats) as JSON.
 
 use std::sync::Arc;
@@ -65,6 +66,9 @@ async fn make(
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
+    if let Err(e) = spec.validate_against(st.thumbnailer.config()) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
     let body = match body {
         Ok(b) => b,
         Err(rej) => {
@@ -77,7 +81,10 @@ async fn make(
             return crate::web::body_error(rej).into_response();
         }
     };
-    match tokio::time::timeout(st.timeout, st.thumbnailer.make(body, spec)).await {
+    // Memory is waited for until the request's own deadline; then 503.
+    let deadline = std::time::Instant::now() + st.timeout;
+    let work = st.thumbnailer.make_until(body, spec, deadline);
+    match tokio::time::timeout(st.timeout, work).await {
         Err(_) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(

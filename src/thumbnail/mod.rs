@@ -32,7 +32,8 @@ pub use spec::{Fit, Format, OutputFormat, Spec, parse_color};
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +51,32 @@ pub struct Config {
     pub max_alloc_bytes: u64,
     /// Size of the CPU pool (at most this many images decoded at once).
     pub threads: usize,
+    /// Refuse a spec whose `width` × `height` box is over this many pixels (checked on
+    /// the spec, before any decoding).
+    pub max_output_pixels: u64,
+    /// Most bytes of one encoded thumbnail: refused before decoding when the format's
+    /// worst case is over it, and the encoder is stopped when its output reaches it.
+    pub max_output_bytes: u64,
+    /// The memory all decodes of this process may reserve together (from each one's
+    /// estimate, made from the header before decoding).
+    pub max_memory_bytes: u64,
+}
+
+/// `thumbnail.max_memory_bytes` by default: a quarter of the machine's memory, at most
+/// 1 GiB, at least 256 MiB (1 GiB when the total cannot be read).
+pub fn default_max_memory_bytes() -> u64 {
+    const GIB: u64 = 1 << 30;
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    match total {
+        Some(t) => (t / 4).clamp(256 << 20, GIB),
+        None => GIB,
+    }
 }
 
 impl Default for Config {
@@ -62,6 +89,9 @@ impl Default for Config {
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
+            max_output_pixels: 25_000_000,
+            max_output_bytes: 64 * 1024 * 1024,
+            max_memory_bytes: default_max_memory_bytes(),
         }
     }
 }
@@ -86,6 +116,8 @@ pub enum ErrorKind {
     Unsupported,
     /// 422: the image is damaged or truncated.
     Corrupt,
+    /// 503: the memory budget had no room for it before its deadline.
+    Busy,
 }
 
 impl ErrorKind {
@@ -95,6 +127,7 @@ impl ErrorKind {
             ErrorKind::TooLarge => 413,
             ErrorKind::Unsupported => 415,
             ErrorKind::Corrupt => 422,
+            ErrorKind::Busy => 503,
         }
     }
 }
@@ -110,6 +143,8 @@ pub enum Error {
     Unsupported(String),
     #[error("{0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl Error {
@@ -119,6 +154,7 @@ impl Error {
             Error::TooLarge(_) => ErrorKind::TooLarge,
             Error::Unsupported(_) => ErrorKind::Unsupported,
             Error::Corrupt(_) => ErrorKind::Corrupt,
+            Error::Busy(_) => ErrorKind::Busy,
         }
     }
 }
@@ -169,85 +205,215 @@ pub(crate) fn one_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     })
 }
 
+/// Whose work a thumbnail is: the two classes share the pool fairly (see [`Thumbnailer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// `POST /thumbnail`: waits for memory until its request's deadline, then 503.
+    Api,
+    /// A job's thumbnails (the processor): waits for memory up to [`JOB_MEMORY_WAIT`].
+    Job,
+}
+
+/// How long a job's decode may wait for its memory reservation. Generous: a job's
+/// thumbnail must not fail because the API is busy, and running decodes free their
+/// reservations within seconds.
+pub const JOB_MEMORY_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+struct Queues {
+    api: std::collections::VecDeque<Job>,
+    job: std::collections::VecDeque<Job>,
+    /// The class the last job taken was of (to alternate when both wait).
+    last: Class,
+    closed: bool,
+}
+
+impl Queues {
+    /// The next job: alternately from each class when both have work.
+    fn take(&mut self) -> Option<Job> {
+        let pick_job = match (self.api.is_empty(), self.job.is_empty()) {
+            (true, true) => return None,
+            (false, true) => false,
+            (true, false) => true,
+            (false, false) => self.last == Class::Api,
+        };
+        if pick_job {
+            self.last = Class::Job;
+            self.job.pop_front()
+        } else {
+            self.last = Class::Api;
+            self.api.pop_front()
+        }
+    }
+}
+
 struct Shared {
     config: Config,
     counters: Counters,
+    budget: crate::budget::ByteBudget,
+    queues: Mutex<Queues>,
+    ready: Condvar,
 }
 
 impl Shared {
-    /// One decode, one thumbnail per spec; counts each result.
-    fn run(&self, input: &[u8], specs: &[Spec]) -> Vec<Result<Thumbnail, Error>> {
-        let res = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            one_thread(|| pipeline::make_many(input, specs, &self.config))
-        }));
-        let res = match res {
-            Ok(r) => r,
-            Err(p) => {
-                self.counters.panics.fetch_add(1, Ordering::Relaxed);
-                let msg = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown".into());
-                tracing::warn!(panic = %msg, "thumbnail decoder panicked");
-                let e = Error::Corrupt(format!(
-                    "the image could not be decoded (decoder failure: {msg})"
-                ));
-                vec![Err(e); specs.len()]
-            }
+    /// One decode (after reserving its estimate from the budget, waiting up to
+    /// `deadline`), one thumbnail per spec handed to `each` as it is made; counts each.
+    fn run(
+        &self,
+        input: &[u8],
+        specs: &[Spec],
+        deadline: Instant,
+        each: &mut (dyn FnMut(usize, Result<Thumbnail, Error>) -> bool + Send),
+    ) {
+        let budget = &self.budget;
+        let mut reserve = |n: u64| -> Result<Option<crate::budget::Reservation>, Error> {
+            budget
+                .acquire(n, deadline)
+                .map(Some)
+                .map_err(|e| match e {
+                    crate::budget::BudgetError::TooLarge { wanted, total } => {
+                        Error::TooLarge(format!(
+                            "decoding this image needs an estimated {} MiB, more than the whole thumbnail memory budget of {} MiB (thumbnail.max_memory_bytes)",
+                            wanted.div_ceil(1 << 20),
+                            total / (1 << 20)
+                        ))
+                    }
+                    crate::budget::BudgetError::Busy { wanted, free, total } => {
+                        Error::Busy(format!(
+                            "server busy: decoding this image needs an estimated {} MiB of the thumbnail memory budget, only {} of {} MiB were free in time",
+                            wanted.div_ceil(1 << 20),
+                            free / (1 << 20),
+                            total / (1 << 20)
+                        ))
+                    }
+                })
         };
-        for r in &res {
-            match r {
-                Ok(_) => self.counters.made.fetch_add(1, Ordering::Relaxed),
-                Err(_) => self.counters.refused.fetch_add(1, Ordering::Relaxed),
-            };
+        let mut seen = vec![false; specs.len()];
+        let res = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            one_thread(|| {
+                pipeline::make_each(input, specs, &self.config, &mut reserve, &mut |i, r| {
+                    seen[i] = true;
+                    self.count(&r);
+                    each(i, r)
+                })
+            })
+        }));
+        if let Err(p) = res {
+            self.counters.panics.fetch_add(1, Ordering::Relaxed);
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".into());
+            tracing::warn!(panic = %msg, "thumbnail decoder panicked");
+            let e = Error::Corrupt(format!(
+                "the image could not be decoded (decoder failure: {msg})"
+            ));
+            for (i, _) in seen.iter().enumerate().filter(|(_, s)| !**s) {
+                let r = Err(e.clone());
+                self.count(&r);
+                if !each(i, r) {
+                    break;
+                }
+            }
         }
-        res
+    }
+
+    fn count(&self, r: &Result<Thumbnail, Error>) {
+        match r {
+            Ok(_) => self.counters.made.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.counters.refused.fetch_add(1, Ordering::Relaxed),
+        };
     }
 }
 
 /// Makes thumbnails on a dedicated, bounded pool of CPU threads.
+///
+/// Two classes of work ([`Class`]) share it: each has its own queue and at most
+/// `threads` jobs queued or running, and a free worker takes from the two queues in
+/// turn, so a flood of `POST /thumbnail` delays a job's thumbnail by at most one API
+/// decode per worker (and the reverse). Every decode first reserves its estimated memory
+/// from one [`ByteBudget`](crate::budget::ByteBudget) of `max_memory_bytes`, granted in
+/// arrival order.
 pub struct Thumbnailer {
     shared: Arc<Shared>,
-    /// At most `threads` jobs are queued or running at once.
-    permits: Arc<tokio::sync::Semaphore>,
-    sender: Mutex<Option<mpsc::Sender<Job>>>,
+    /// At most `threads` jobs of each class are queued or running at once.
+    permits: [Arc<tokio::sync::Semaphore>; 2],
     workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+type Item = (
+    usize,
+    Result<Thumbnail, Error>,
+    std::sync::mpsc::SyncSender<bool>,
+);
+
+/// The thumbnails of one [`Thumbnailer::start`], one at a time.
+pub struct Results {
+    rx: tokio::sync::mpsc::Receiver<Item>,
+    /// Tells the worker waiting on the result last handed over to go on.
+    ack: Option<std::sync::mpsc::SyncSender<bool>>,
+}
+
+impl Results {
+    /// The next thumbnail (index of its spec, result); `None` after the last. The worker
+    /// starts on it only now, after the previous one has been dropped.
+    pub async fn next(&mut self) -> Option<(usize, Result<Thumbnail, Error>)> {
+        if let Some(ack) = self.ack.take() {
+            // A worker that has stopped has dropped its receiver: nothing to tell.
+            let _ = ack.send(true);
+        }
+        let (i, r, ack) = self.rx.recv().await?;
+        self.ack = Some(ack);
+        Some((i, r))
+    }
 }
 
 impl Thumbnailer {
     /// Start the pool (`config.threads` threads, at least one).
     pub fn new(config: Config) -> Self {
         let threads = config.threads.max(1);
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
+        let shared = Arc::new(Shared {
+            budget: crate::budget::ByteBudget::new(config.max_memory_bytes),
+            config,
+            counters: Counters::default(),
+            queues: Mutex::new(Queues {
+                api: Default::default(),
+                job: Default::default(),
+                last: Class::Job,
+                closed: false,
+            }),
+            ready: Condvar::new(),
+        });
         let workers = (0..threads)
             .map(|i| {
-                let rx = rx.clone();
+                let shared = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("thumbnail-{i}"))
                     .spawn(move || {
                         loop {
-                            let job = match rx.lock() {
-                                Ok(guard) => guard.recv(),
-                                Err(_) => return,
+                            let mut q = shared.queues.lock().unwrap_or_else(|e| e.into_inner());
+                            let job = loop {
+                                if let Some(j) = q.take() {
+                                    break j;
+                                }
+                                if q.closed {
+                                    return;
+                                }
+                                q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
                             };
-                            match job {
-                                Ok(job) => job(),
-                                Err(_) => return,
-                            }
+                            drop(q);
+                            job();
                         }
                     })
                     .expect("spawn thumbnail worker thread")
             })
             .collect();
         Thumbnailer {
-            shared: Arc::new(Shared {
-                config,
-                counters: Counters::default(),
-            }),
-            permits: Arc::new(tokio::sync::Semaphore::new(threads)),
-            sender: Mutex::new(Some(tx)),
+            shared,
+            permits: [
+                Arc::new(tokio::sync::Semaphore::new(threads)),
+                Arc::new(tokio::sync::Semaphore::new(threads)),
+            ],
             workers,
         }
     }
@@ -256,46 +422,104 @@ impl Thumbnailer {
         &self.shared.config
     }
 
-    /// Make a thumbnail on the pool. Waits (asynchronously) for a free worker.
-    pub async fn make(&self, input: bytes::Bytes, spec: Spec) -> Result<Thumbnail, Error> {
-        self.make_many(input, vec![spec])
-            .await?
-            .pop()
-            .unwrap_or_else(|| Err(Error::BadParams("no thumbnail spec".into())))
+    /// The memory budget every decode reserves from.
+    pub fn budget(&self) -> &crate::budget::ByteBudget {
+        &self.shared.budget
     }
 
-    /// Make one thumbnail per spec from a single decode (at the JPEG shrink-on-load scale
-    /// that suits the largest), on the pool, as one job. The outer `Err` is the pool being
-    /// shut down; otherwise one result per spec, in order.
+    /// Make a thumbnail on the pool (class [`Class::Api`], memory waited for up to
+    /// 30 s, as `POST /thumbnail`). Waits (asynchronously) for a free worker.
+    pub async fn make(&self, input: bytes::Bytes, spec: Spec) -> Result<Thumbnail, Error> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        self.make_until(input, spec, deadline).await
+    }
+
+    /// [`Thumbnailer::make`], memory waited for until `deadline`.
+    pub async fn make_until(
+        &self,
+        input: bytes::Bytes,
+        spec: Spec,
+        deadline: Instant,
+    ) -> Result<Thumbnail, Error> {
+        let mut results = self.start(input, vec![spec], Class::Api, deadline).await?;
+        match results.next().await {
+            Some((_, r)) => r,
+            None => Err(Error::Corrupt(
+                "thumbnail worker stopped unexpectedly".into(),
+            )),
+        }
+    }
+
+    /// Start making one thumbnail per spec from a single decode (at the JPEG
+    /// shrink-on-load scale that suits the largest), on the pool, as one job of `class`;
+    /// memory is waited for until `deadline`. [`Results::next`] hands over each result in
+    /// order, and the next thumbnail is made only when it is asked for: one output is
+    /// held at a time. Dropping the [`Results`] stops the rest. The `Err` is the pool
+    /// being shut down.
+    pub async fn start(
+        &self,
+        input: bytes::Bytes,
+        specs: Vec<Spec>,
+        class: Class,
+        deadline: Instant,
+    ) -> Result<Results, Error> {
+        let shut = || Error::Unsupported("thumbnailer is shut down".into());
+        let permits = &self.permits[class as usize];
+        let permit = permits.clone().acquire_owned().await.map_err(|_| shut())?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Item>(1);
+        let shared = self.shared.clone();
+        let job: Job = Box::new(move || {
+            shared.run(&input, &specs, deadline, &mut |i, r| {
+                // Hand the result over and wait until the next one is asked for, so that
+                // this one is dropped (written) before the next one is made.
+                let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
+                if tx.blocking_send((i, r, ack_tx)).is_err() {
+                    return false;
+                }
+                ack_rx.recv().unwrap_or(false)
+            });
+            drop(permit);
+        });
+        {
+            let mut q = self.shared.queues.lock().unwrap_or_else(|e| e.into_inner());
+            if q.closed {
+                return Err(shut());
+            }
+            match class {
+                Class::Api => q.api.push_back(job),
+                Class::Job => q.job.push_back(job),
+            }
+        }
+        self.shared.ready.notify_one();
+        Ok(Results { rx, ack: None })
+    }
+
+    /// As [`Thumbnailer::start`] for a job ([`Class::Job`], [`JOB_MEMORY_WAIT`]), all
+    /// results collected (one per spec, in order).
     pub async fn make_many(
         &self,
         input: bytes::Bytes,
         specs: Vec<Spec>,
     ) -> Result<Vec<Result<Thumbnail, Error>>, Error> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
+        let deadline = Instant::now() + JOB_MEMORY_WAIT;
+        self.make_many_until(input, specs, Class::Job, deadline)
             .await
-            .map_err(|_| Error::Unsupported("thumbnailer is shut down".into()))?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let shared = self.shared.clone();
-        let job: Job = Box::new(move || {
-            let res = shared.run(&input, &specs);
-            drop(permit);
-            let _ = tx.send(res);
-        });
-        {
-            let guard = self.sender.lock().unwrap_or_else(|e| e.into_inner());
-            let sender = guard
-                .as_ref()
-                .ok_or_else(|| Error::Unsupported("thumbnailer is shut down".into()))?;
-            sender
-                .send(job)
-                .map_err(|_| Error::Unsupported("thumbnailer is shut down".into()))?;
+    }
+
+    /// As [`Thumbnailer::start`], all results collected (one per spec, in order).
+    pub async fn make_many_until(
+        &self,
+        input: bytes::Bytes,
+        specs: Vec<Spec>,
+        class: Class,
+        deadline: Instant,
+    ) -> Result<Vec<Result<Thumbnail, Error>>, Error> {
+        let mut results = self.start(input, specs, class, deadline).await?;
+        let mut out = Vec::new();
+        while let Some((_, r)) = results.next().await {
+            out.push(r);
         }
-        rx.await
-            .map_err(|_| Error::Corrupt("thumbnail worker stopped unexpectedly".into()))
+        Ok(out)
     }
 
     /// Make a thumbnail on the calling thread (for the CLI, which runs its own threads).
@@ -305,13 +529,20 @@ impl Thumbnailer {
             .unwrap_or_else(|| Err(Error::BadParams("no thumbnail spec".into())))
     }
 
-    /// [`Thumbnailer::make_many`] on the calling thread.
+    /// [`Thumbnailer::make_many`] on the calling thread (memory waited for up to
+    /// [`JOB_MEMORY_WAIT`]).
     pub fn make_many_blocking(
         &self,
         input: &[u8],
         specs: &[Spec],
     ) -> Vec<Result<Thumbnail, Error>> {
-        self.shared.run(input, specs)
+        let mut out = Vec::with_capacity(specs.len());
+        let deadline = Instant::now() + JOB_MEMORY_WAIT;
+        self.shared.run(input, specs, deadline, &mut |_, r| {
+            out.push(r);
+            true
+        });
+        out
     }
 
     pub fn stats(&self) -> Stats {
@@ -326,9 +557,12 @@ impl Thumbnailer {
 
 impl Drop for Thumbnailer {
     fn drop(&mut self) {
-        if let Ok(mut s) = self.sender.lock() {
-            s.take();
-        }
+        self.shared
+            .queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .closed = true;
+        self.shared.ready.notify_all();
         for w in self.workers.drain(..) {
             // A worker finishing its last job; never join ourselves.
             if w.thread().id() != std::thread::current().id() {

@@ -90,6 +90,15 @@ pub fn probe(input: &[u8]) -> Result<Probe, Error> {
             .info()
             .ok_or_else(|| Error::Corrupt("corrupt JPEG: no frame header".into()))?;
         (info.width as u32, info.height as u32)
+    } else if format == Format::Png {
+        // Straight from IHDR, the first chunk: the `image` wrapper would parse the chunks
+        // that follow it too, and inflate an iCCP chunk without a bound.
+        if input.len() < 33 || &input[12..16] != b"IHDR" {
+            return Err(Error::Corrupt("corrupt PNG: no IHDR chunk first".into()));
+        }
+        let be =
+            |i: usize| u32::from_be_bytes([input[i], input[i + 1], input[i + 2], input[i + 3]]);
+        (be(16), be(20))
     } else {
         let r = ImageReader::with_format(Cursor::new(input), image_format(format));
         r.into_dimensions().map_err(|e| image_err(format, e))?
@@ -737,10 +746,30 @@ fn flatten(img: DynamicImage, bg: [u8; 3]) -> DynamicImage {
     }
 }
 
-fn encode(img: &DynamicImage, format: Format, spec: &Spec) -> Result<Vec<u8>, Error> {
+fn encode(img: &DynamicImage, format: Format, spec: &Spec, cap: u64) -> Result<Vec<u8>, Error> {
+    let mut out = Capped {
+        buf: Cursor::new(Vec::new()),
+        cap,
+        over: false,
+    };
+    match encode_into(img, format, spec, &mut out) {
+        Ok(()) => Ok(out.buf.into_inner()),
+        Err(_) if out.over => Err(Error::TooLarge(format!(
+            "the encoded {} thumbnail is over the limit of {cap} bytes (thumbnail.max_output_bytes)",
+            name(format)
+        ))),
+        Err(e) => Err(e),
+    }
+}
+
+fn encode_into(
+    img: &DynamicImage,
+    format: Format,
+    spec: &Spec,
+    out: &mut Capped,
+) -> Result<(), Error> {
     let (w, h) = (img.width(), img.height());
     let enc_err = |e: String| Error::Corrupt(format!("encoding {}: {e}", name(format)));
-    let mut out = Vec::new();
     match format {
         Format::Jpeg => {
             let (ct, data) = match img {
@@ -748,7 +777,7 @@ fn encode(img: &DynamicImage, format: Format, spec: &Spec) -> Result<Vec<u8>, Er
                 DynamicImage::ImageRgb8(b) => (jpeg_encoder::ColorType::Rgb, b.as_raw()),
                 _ => return Err(enc_err("unexpected pixel layout".into())),
             };
-            let mut e = jpeg_encoder::Encoder::new(&mut out, spec.quality);
+            let mut e = jpeg_encoder::Encoder::new(&mut *out, spec.quality);
             e.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_0);
             e.set_progressive(spec.progressive);
             // Optimised Huffman tables only for progressive: zune-jpeg 0.5 (the `image`
@@ -758,7 +787,7 @@ fn encode(img: &DynamicImage, format: Format, spec: &Spec) -> Result<Vec<u8>, Er
                 .map_err(|e| enc_err(e.to_string()))?;
         }
         Format::Webp => {
-            let enc = image::codecs::webp::WebPEncoder::new_lossless(&mut out);
+            let enc = image::codecs::webp::WebPEncoder::new_lossless(&mut *out);
             let rgb;
             let img = match img {
                 DynamicImage::ImageLuma8(_) | DynamicImage::ImageLumaA8(_) => {
@@ -776,17 +805,16 @@ fn encode(img: &DynamicImage, format: Format, spec: &Spec) -> Result<Vec<u8>, Er
         }
         Format::Gif => {
             let rgba = img.to_rgba8();
-            let mut enc = image::codecs::gif::GifEncoder::new_with_speed(&mut out, 10);
+            let mut enc = image::codecs::gif::GifEncoder::new_with_speed(&mut *out, 10);
             enc.encode(rgba.as_raw(), w, h, image::ExtendedColorType::Rgba8)
                 .map_err(|e| enc_err(e.to_string()))?;
         }
         Format::Png | Format::Tiff | Format::Bmp => {
-            let mut c = Cursor::new(&mut out);
-            img.write_to(&mut c, image_format(format))
+            img.write_to(out, image_format(format))
                 .map_err(|e| enc_err(e.to_string()))?;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The whole pipeline for one input and one spec (runs on the calling thread).
@@ -799,31 +827,99 @@ pub fn make(input: &[u8], spec: &Spec, cfg: &Config) -> Result<Thumbnail, Error>
 /// One decode, several thumbnails: the image is decoded once, at the JPEG shrink-on-load
 /// scale that suits the largest of `specs`, then resized, converted and encoded for each.
 /// One result per spec, in order; a spec that does not validate fails alone, an input that
-/// cannot be decoded fails them all with the same error.
+/// cannot be decoded fails them all with the same error. No memory budget (see
+/// [`make_each`]).
 pub fn make_many(input: &[u8], specs: &[Spec], cfg: &Config) -> Vec<Result<Thumbnail, Error>> {
-    let valid: Vec<&Spec> = specs.iter().filter(|s| s.validate().is_ok()).collect();
-    let decoded = if valid.is_empty() {
-        Err(Error::BadParams("no valid thumbnail spec".into()))
-    } else {
-        decode(input, &valid, cfg)
-    };
-    specs
-        .iter()
-        .map(|spec| {
-            spec.validate().map_err(Error::BadParams)?;
-            let (p, d, t) = decoded.as_ref().map_err(Clone::clone)?;
-            render(p, d, t.as_ref(), spec)
-        })
-        .collect()
+    let mut out = Vec::with_capacity(specs.len());
+    make_each(input, specs, cfg, &mut |_| Ok(None), &mut |_, r| {
+        out.push(r);
+        true
+    });
+    out
 }
 
-/// Check the input against the limits and decode it, ready for [`render`]: 8-bit, opaque
-/// alpha dropped, with the transform to sRGB of its embedded profile.
-fn decode(
+/// Grants (or refuses) the memory a decode estimated it needs, before it starts.
+pub type Reserve<'a> = dyn FnMut(u64) -> Result<Option<crate::budget::Reservation>, Error> + 'a;
+
+/// As [`make_many`], but each thumbnail is handed to `each(index, result)` as soon as it
+/// is encoded and dropped before the next one is made (so a job's peak memory is one
+/// decoded image and one output); `each` returning false stops the rest. `reserve` is
+/// called with the decode's memory estimate once the header has been read and checked,
+/// before any pixel is decoded; its reservation is held until the last thumbnail.
+pub fn make_each(
     input: &[u8],
-    specs: &[&Spec],
+    specs: &[Spec],
     cfg: &Config,
-) -> Result<(Probe, Decoded, Option<Transform>), Error> {
+    reserve: &mut Reserve<'_>,
+    each: &mut dyn FnMut(usize, Result<Thumbnail, Error>) -> bool,
+) {
+    let checks: Vec<Result<(), Error>> = specs
+        .iter()
+        .map(|s| s.validate_against(cfg).map_err(Error::BadParams))
+        .collect();
+    let valid: Vec<&Spec> = specs
+        .iter()
+        .zip(&checks)
+        .filter(|(_, c)| c.is_ok())
+        .map(|(s, _)| s)
+        .collect();
+    let prepared = if valid.is_empty() {
+        Err(Error::BadParams("no valid thumbnail spec".into()))
+    } else {
+        prepare(input, &valid, cfg)
+    };
+    // Per-spec output checks (from the header), then the reservation, then the decode.
+    let mut out_checks = Vec::with_capacity(specs.len());
+    let mut vi = 0;
+    for c in &checks {
+        out_checks.push(match (c, &prepared) {
+            (Err(e), _) => Err(e.clone()),
+            (Ok(()), Err(e)) => Err(e.clone()),
+            (Ok(()), Ok(p)) => {
+                vi += 1;
+                p.output_checks[vi - 1].clone()
+            }
+        });
+    }
+    let renderable: Vec<&Spec> = specs
+        .iter()
+        .zip(&out_checks)
+        .filter(|(_, c)| c.is_ok())
+        .map(|(s, _)| s)
+        .collect();
+    let decoded = match prepared {
+        Err(e) => Err(e),
+        Ok(_) if renderable.is_empty() => Err(Error::BadParams("no valid thumbnail spec".into())),
+        Ok(p) => {
+            let est = estimate(input, &p.probe, &renderable, cfg);
+            match reserve(est) {
+                Err(e) => Err(e),
+                Ok(guard) => decode(input, p.probe, &renderable, cfg).map(|d| (d, guard)),
+            }
+        }
+    };
+    for (i, (spec, check)) in specs.iter().zip(out_checks).enumerate() {
+        let r = check.and_then(|()| {
+            let ((p, d, t), _) = decoded.as_ref().map_err(Clone::clone)?;
+            render(p, d, t.as_ref(), spec, cfg)
+        });
+        if !each(i, r) {
+            return;
+        }
+    }
+}
+
+/// What the header says, checked against the limits, before any pixel is decoded.
+struct Prepared {
+    probe: Probe,
+    /// For each spec given: refused because its output would be over
+    /// `max_output_bytes` whatever the pixels are.
+    output_checks: Vec<Result<(), Error>>,
+}
+
+/// Input size, header and the limits it allows checking; the worst-case encoded size of
+/// each spec.
+fn prepare(input: &[u8], specs: &[&Spec], cfg: &Config) -> Result<Prepared, Error> {
     if input.len() as u64 > cfg.max_input_bytes {
         return Err(Error::TooLarge(format!(
             "input is {} bytes, over the limit of {} bytes",
@@ -836,8 +932,218 @@ fn decode(
     }
     let p = probe(input)?;
     check_limits(input, &p, cfg)?;
+    let output_checks = specs
+        .iter()
+        .map(|s| {
+            // Orientation can only swap the sides: the worst case does not depend on it.
+            let pl = plan(p.width, p.height, false, s);
+            let fmt = s.format.resolve(p.format);
+            let worst = worst_case_bytes(fmt, pl.out_w, pl.out_h);
+            match worst {
+                Some(n) if n > cfg.max_output_bytes => Err(Error::TooLarge(format!(
+                    "a {}x{} {} thumbnail is {n} bytes uncompressed, over the limit of {} bytes (thumbnail.max_output_bytes)",
+                    pl.out_w,
+                    pl.out_h,
+                    name(fmt),
+                    cfg.max_output_bytes
+                ))),
+                _ => Ok(()),
+            }
+        })
+        .collect();
+    Ok(Prepared {
+        probe: p,
+        output_checks,
+    })
+}
+
+/// The encoded size of a `w`×`h` thumbnail whatever its pixels, for the formats that
+/// store them uncompressed (BMP: 24-bit rows padded to 4 bytes; TIFF: up to 4 channels);
+/// `None` for the compressed ones, whose encoders are stopped at the cap instead.
+pub fn worst_case_bytes(f: Format, w: u32, h: u32) -> Option<u64> {
+    let (w, h) = (w as u64, h as u64);
+    match f {
+        Format::Bmp => Some((w * 3).div_ceil(4) * 4 * h + 54),
+        Format::Tiff => Some(w * h * 4 + 1024),
+        _ => None,
+    }
+}
+
+/// Bytes for what every decode holds besides its pixel buffers: decoder tables and
+/// state, an ICC profile (≤ [`MAX_ICC_BYTES`]) and its transform, the encoder's state.
+pub const FIXED_OVERHEAD: u64 = 8 << 20;
+
+/// The largest ICC profile we read (real profiles are < 1 MiB; a PNG's is inflated under
+/// this cap, a bigger one is ignored).
+pub const MAX_ICC_BYTES: u64 = 1 << 20;
+
+/// Channels and sample size of the pixels as the decoder produces them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Samples per pixel out of the decoder.
+    pub channels: u64,
+    /// Bytes per sample out of the decoder (1, 2 or 4).
+    pub sample_bytes: u64,
+    /// JPEG: progressive (its coefficients are kept whole until the end).
+    pub progressive: bool,
+}
+
+/// Read the layout from the header (an upper bound where the header leaves it open).
+pub fn layout(input: &[u8], p: &Probe) -> Layout {
+    let l = |channels, sample_bytes| Layout {
+        channels,
+        sample_bytes,
+        progressive: false,
+    };
+    match p.format {
+        Format::Png => {
+            // IHDR is the first chunk: bit depth at 24, colour type at 25. Our decoder
+            // expands palette and transparency and strips 16-bit samples to 8 bits.
+            let ct = input.get(25).copied().unwrap_or(6);
+            let channels = match ct {
+                0 => 2, // grey, + alpha from tRNS
+                4 => 2,
+                _ => 4,
+            };
+            l(channels, 1)
+        }
+        Format::Jpeg => {
+            let mut d = jpeg_decoder::Decoder::new(Cursor::new(input));
+            match d.read_info().ok().and(d.info()) {
+                Some(info) => Layout {
+                    channels: match info.pixel_format {
+                        jpeg_decoder::PixelFormat::L8 => 1,
+                        jpeg_decoder::PixelFormat::L16 => 2,
+                        jpeg_decoder::PixelFormat::RGB24 => 3,
+                        jpeg_decoder::PixelFormat::CMYK32 => 4,
+                    },
+                    sample_bytes: 1,
+                    progressive: info.coding_process == jpeg_decoder::CodingProcess::DctProgressive,
+                },
+                None => Layout {
+                    channels: 4,
+                    sample_bytes: 1,
+                    progressive: true,
+                },
+            }
+        }
+        Format::Tiff => {
+            use tiff::ColorType as C;
+            let ct = tiff::decoder::Decoder::new(Cursor::new(input))
+                .ok()
+                .and_then(|mut d| d.colortype().ok());
+            let (channels, bits) = match ct {
+                Some(C::Gray(b)) => (1, b),
+                Some(C::GrayA(b)) => (2, b),
+                Some(C::RGB(b)) | Some(C::YCbCr(b)) | Some(C::Lab(b)) => (3, b),
+                Some(C::RGBA(b)) | Some(C::CMYK(b)) => (4, b),
+                Some(C::CMYKA(b)) => (5, b),
+                Some(C::Multiband {
+                    bit_depth,
+                    num_samples,
+                }) => (u64::from(num_samples), bit_depth),
+                _ => (4, 32),
+            };
+            l(channels, u64::from(bits).div_ceil(8).max(1))
+        }
+        Format::Gif | Format::Bmp | Format::Webp => l(4, 1),
+    }
+}
+
+/// An upper bound of the bytes one decode and the rendering of its largest spec allocate
+/// at once, from the header (see the measurements in `tests/thumbnail_bounds.rs`):
+///
+/// - the decoder: its output buffer (width × height × channels × bytes per sample, at the
+///   JPEG shrink-on-load scale), plus what it keeps beside it — a JPEG's component planes
+///   (and a progressive one's 16-bit coefficients at full size), the `image` decoders' own
+///   copy for GIF, TIFF and BMP, WebP's YUV planes — and the 8-bit copy made of a 16-bit
+///   or opaque-alpha result;
+/// - rendering one spec: the source copy premultiplied for alpha, the resizer's
+///   intermediate rows, two output-sized buffers alive at once (resized, then converted,
+///   flattened or oriented), the encoder's own copy or planes and its output
+///   (≤ `max_output_bytes`);
+/// - [`FIXED_OVERHEAD`].
+pub fn estimate(input: &[u8], p: &Probe, specs: &[&Spec], cfg: &Config) -> u64 {
+    let lay = layout(input, p);
+    let (w, h) = (p.width as u64, p.height as u64);
+    let px = w * h;
+    let den = if p.format == Format::Jpeg {
+        // The orientation is not known yet: the smaller shrink of both is the safe bound.
+        specs
+            .iter()
+            .flat_map(|s| [false, true].map(|swap| jpeg_shrink(&plan(p.width, p.height, swap, s))))
+            .min()
+            .unwrap_or(1) as u64
+    } else {
+        1
+    };
+    let (dw, dh) = (w.div_ceil(den), h.div_ceil(den));
+    let dpx = dw * dh;
+    let ch8 = lay.channels.min(4);
+    let native = dpx * lay.channels * lay.sample_bytes;
+    let decoded8 = dpx * ch8;
+    let decoder_side = match p.format {
+        // Component planes at the decoded scale; a progressive file's coefficients at
+        // full size (2 bytes per sample), whatever the scale.
+        Format::Jpeg => {
+            dpx * lay.channels
+                + if lay.progressive {
+                    px * lay.channels * 2
+                } else {
+                    0
+                }
+        }
+        // Two rows of raw samples (up to 8 bytes per pixel).
+        Format::Png => w * 8 * 2,
+        // A decoder-side frame or strip buffer as big as the image.
+        Format::Gif | Format::Tiff | Format::Bmp => native + px,
+        // RGBA plus YUV planes (lossy) or ARGB words (lossless).
+        Format::Webp => px * 4,
+    };
+    // 16-bit → 8-bit, or opaque alpha dropped: one more 8-bit copy while the first lives.
+    let conversion = decoded8;
+    let decode = native + decoder_side + conversion;
+    let render = specs
+        .iter()
+        .map(|s| {
+            let pl = plan(p.width, p.height, false, s);
+            let (ow, oh) = (pl.out_w as u64, pl.out_h as u64);
+            let (cw, chh) = (
+                (pl.crop.2 / den as f64).ceil() as u64,
+                (pl.crop.3 / den as f64).ceil() as u64,
+            );
+            let premultiplied = if ch8.is_multiple_of(2) {
+                cw * chh * ch8
+            } else {
+                0
+            };
+            // Either pass may come first; intermediate rows in 4 channels.
+            let intermediate = (ow * chh).max(cw * oh) * 4;
+            let outputs = ow * oh * 4 * 2;
+            let fmt = s.format.resolve(p.format);
+            let encoder = ow * oh * 4
+                + worst_case_bytes(fmt, pl.out_w, pl.out_h)
+                    .unwrap_or(ow * oh * 4 + 1024)
+                    .min(cfg.max_output_bytes);
+            premultiplied + intermediate + outputs + encoder
+        })
+        .max()
+        .unwrap_or(0);
+    FIXED_OVERHEAD + decode + render
+}
+
+/// Check the input against the limits and decode it, ready for [`render`]: 8-bit, opaque
+/// alpha dropped, with the transform to sRGB of its embedded profile.
+fn decode(
+    input: &[u8],
+    p: Probe,
+    specs: &[&Spec],
+    cfg: &Config,
+) -> Result<(Probe, Decoded, Option<Transform>), Error> {
     let mut d = if p.format == Format::Jpeg {
         decode_jpeg(input, &p, specs, cfg)?
+    } else if p.format == Format::Png {
+        decode_png(input, &p, cfg)?
     } else if p.format == Format::Tiff
         && let Some(d) = decode_tiff(input, &p, cfg)?
     {
@@ -855,6 +1161,13 @@ fn decode(
     } else {
         decode_other(input, &p, cfg)?
     };
+    if d.icc
+        .as_ref()
+        .is_some_and(|icc| icc.len() as u64 > MAX_ICC_BYTES)
+    {
+        tracing::debug!("ICC profile over {MAX_ICC_BYTES} bytes ignored");
+        d.icc = None;
+    }
     if !d.cmyk {
         d.image = drop_opaque_alpha(to_8bit(d.image));
     }
@@ -865,8 +1178,159 @@ fn decode(
     Ok((p, d, t))
 }
 
+fn png_err(e: png::DecodingError) -> Error {
+    use png::DecodingError as D;
+    match e {
+        D::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Error::Corrupt(format!("truncated PNG: {io}"))
+        }
+        D::LimitsExceeded => Error::TooLarge("PNG image over a decoding limit".into()),
+        other => {
+            let s = other.to_string();
+            let l = s.to_ascii_lowercase();
+            if l.contains("eof") || l.contains("end of") || l.contains("truncat") {
+                Error::Corrupt(format!("truncated PNG: {s}"))
+            } else {
+                Error::Corrupt(format!("corrupt PNG: {s}"))
+            }
+        }
+    }
+}
+
+/// A PNG through the `png` crate directly: palette and transparency expanded and 16-bit
+/// samples stripped to 8 bits as rows are decoded (no 16-bit copy of the image), text
+/// chunks not read and the `iCCP` chunk not inflated by the decoder (it would inflate up
+/// to its whole allocation limit); the profile is inflated by [`png_icc`] under
+/// [`MAX_ICC_BYTES`] instead.
+fn decode_png(input: &[u8], p: &Probe, cfg: &Config) -> Result<Decoded, Error> {
+    // The decoder's own allocations: its row buffers and the chunks it keeps (PLTE, tRNS,
+    // eXIf...), which are never larger than the input.
+    let bytes = (p.width as u64 * 8 * 4 + input.len() as u64 + (1 << 20)).min(cfg.max_alloc_bytes);
+    let mut dec = png::Decoder::new_with_limits(
+        Cursor::new(input),
+        png::Limits {
+            bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
+        },
+    );
+    dec.set_ignore_iccp_chunk(true);
+    dec.set_ignore_text_chunk(true);
+    dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = dec.read_info().map_err(png_err)?;
+    let info = reader.info();
+    if (info.width, info.height) != (p.width, p.height) {
+        return Err(Error::Corrupt("corrupt PNG: header changed".into()));
+    }
+    let orientation = info
+        .exif_metadata
+        .as_deref()
+        .and_then(Orientation::from_exif_chunk)
+        .unwrap_or(Orientation::NoTransforms);
+    let (ct, depth) = reader.output_color_type();
+    if depth != png::BitDepth::Eight {
+        return Err(Error::Unsupported(format!(
+            "unsupported PNG variant: {depth:?}-bit output"
+        )));
+    }
+    let len = reader
+        .output_buffer_size()
+        .ok_or_else(|| Error::TooLarge("PNG image over a decoding limit".into()))?;
+    if len as u64 > cfg.max_alloc_bytes {
+        return Err(Error::TooLarge("PNG image over a decoding limit".into()));
+    }
+    let mut buf = vec![0u8; len];
+    let frame = reader.next_frame(&mut buf).map_err(png_err)?;
+    buf.truncate(frame.buffer_size());
+    let (w, h) = (frame.width, frame.height);
+    use png::ColorType as C;
+    let image = match ct {
+        C::Grayscale => image::GrayImage::from_raw(w, h, buf).map(DynamicImage::ImageLuma8),
+        C::GrayscaleAlpha => {
+            image::GrayAlphaImage::from_raw(w, h, buf).map(DynamicImage::ImageLumaA8)
+        }
+        C::Rgb => image::RgbImage::from_raw(w, h, buf).map(DynamicImage::ImageRgb8),
+        C::Rgba => image::RgbaImage::from_raw(w, h, buf).map(DynamicImage::ImageRgba8),
+        C::Indexed => None,
+    }
+    .ok_or_else(|| Error::Corrupt("corrupt PNG: short pixel buffer".into()))?;
+    Ok(Decoded {
+        image,
+        icc: png_icc(input, MAX_ICC_BYTES),
+        orientation,
+        shrink: 1.0,
+        cmyk: false,
+    })
+}
+
+/// The embedded profile of a PNG (its `iCCP` chunk, before the first `IDAT`), inflated
+/// to at most `max` bytes: `None` when there is none, it is damaged, or it inflates to
+/// more than `max` (a zlib bomb stops there).
+pub fn png_icc(input: &[u8], max: u64) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut pos = 8usize;
+    while pos + 8 <= input.len() {
+        let len = u32::from_be_bytes(input[pos..pos + 4].try_into().ok()?) as usize;
+        let kind = &input[pos + 4..pos + 8];
+        let data = input.get(pos + 8..(pos + 8).checked_add(len)?)?;
+        match kind {
+            b"IDAT" | b"IEND" => return None,
+            b"iCCP" => {
+                let nul = data.iter().take(80).position(|&b| b == 0)?;
+                if data.get(nul + 1) != Some(&0) {
+                    return None;
+                }
+                let mut out = Vec::new();
+                let mut z = flate2::read::ZlibDecoder::new(data.get(nul + 2..)?).take(max + 1);
+                z.read_to_end(&mut out).ok()?;
+                if out.len() as u64 > max {
+                    tracing::debug!("PNG iCCP profile inflates to over {max} bytes: ignored");
+                    return None;
+                }
+                return Some(out);
+            }
+            _ => {}
+        }
+        pos = pos.checked_add(12 + len)?;
+    }
+    None
+}
+
+/// A `Write + Seek` sink for the encoders that fails once `cap` bytes would be passed;
+/// `over` tells that this is why the encoder failed.
+struct Capped {
+    buf: Cursor<Vec<u8>>,
+    cap: u64,
+    over: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.position() + data.len() as u64 > self.cap {
+            self.over = true;
+            return Err(std::io::Error::other(
+                "output over thumbnail.max_output_bytes",
+            ));
+        }
+        self.buf.write(data)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl std::io::Seek for Capped {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.buf.seek(pos)
+    }
+}
+
 /// resize → colour → flatten → orient → encode, for one spec.
-fn render(p: &Probe, d: &Decoded, t: Option<&Transform>, spec: &Spec) -> Result<Thumbnail, Error> {
+fn render(
+    p: &Probe,
+    d: &Decoded,
+    t: Option<&Transform>,
+    spec: &Spec,
+    cfg: &Config,
+) -> Result<Thumbnail, Error> {
     let out_format = spec.format.resolve(p.format);
     // Plan in header coordinates, then scale the crop to the decoded size.
     let pl = plan(p.width, p.height, swaps(d.orientation), spec);
@@ -878,7 +1342,7 @@ fn render(p: &Probe, d: &Decoded, t: Option<&Transform>, spec: &Spec) -> Result<
         img = flatten(img, spec.background);
     }
     img.apply_orientation(d.orientation);
-    let bytes = encode(&img, out_format, spec)?;
+    let bytes = encode(&img, out_format, spec, cfg.max_output_bytes)?;
     Ok(Thumbnail {
         bytes,
         width: img.width(),

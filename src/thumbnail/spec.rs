@@ -304,6 +304,21 @@ impl Spec {
         Ok(spec)
     }
 
+    /// [`Spec::validate`], and the box against `thumbnail.max_output_pixels`.
+    pub fn validate_against(&self, cfg: &super::Config) -> Result<(), String> {
+        self.validate()?;
+        self.check_output_pixels(cfg.max_output_pixels, "")
+    }
+
+    /// Refuse a `width` × `height` box over `max` pixels; the message starts with
+    /// `prefix` (e.g. `"thumbnails[2]."`) and names both fields and the limit.
+    pub fn check_output_pixels(&self, max: u64, prefix: &str) -> Result<(), String> {
+        if self.width as u64 * self.height as u64 > max {
+            return Err(over_pixels(prefix, self.width, self.height, max));
+        }
+        Ok(())
+    }
+
     /// Check the ranges of a spec built by hand (CLI).
     pub fn validate(&self) -> Result<(), String> {
         check_name(&self.name).map_err(|e| format!("name {e}"))?;
@@ -320,6 +335,14 @@ impl Spec {
         }
         Ok(())
     }
+}
+
+/// The output-size message: `{prefix}width × height = 10000×10000 = 100000000 pixels, ...`.
+fn over_pixels(prefix: &str, w: u32, h: u32, max: u64) -> String {
+    format!(
+        "{prefix}width × height = {w}×{h} = {} pixels, over the limit of {max} (thumbnail.max_output_pixels)",
+        w as u64 * h as u64
+    )
 }
 
 fn parse_side(v: &str) -> Option<u32> {
@@ -393,6 +416,29 @@ mod tests {
         assert_eq!(s.background, [0x10, 0x20, 0x30]);
         assert!(s.progressive && s.enlarge);
         assert_eq!(s.format, OutputFormat::Same);
+    }
+
+    #[test]
+    fn output_pixels() {
+        let cfg = super::super::Config {
+            max_output_pixels: 25_000_000,
+            ..Default::default()
+        };
+        let s = Spec::from_query([("width", "10000"), ("height", "10000")]).unwrap();
+        let e = s.validate_against(&cfg).unwrap_err();
+        assert_eq!(
+            e,
+            "width × height = 10000×10000 = 100000000 pixels, over the limit of 25000000 (thumbnail.max_output_pixels)"
+        );
+        assert!(Spec::new(5000, 5000).validate_against(&cfg).is_ok());
+        assert!(Spec::new(5000, 5001).validate_against(&cfg).is_err());
+        let e = Spec::new(6000, 6000)
+            .check_output_pixels(1000, "thumbnails[3].")
+            .unwrap_err();
+        assert!(
+            e.starts_with("thumbnails[3].width × height = 6000×6000"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::budget::{BudgetGuard, ByteBudget};
+use crate::budget::{ByteBudget, Reservation};
 use crate::metrics::{ReasonLabel, metrics};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -300,7 +300,7 @@ impl<S> Bounded<S> {
     }
 }
 
-type Reservation = Arc<Mutex<BudgetGuard>>;
+type SharedReservation = Arc<Mutex<Reservation>>;
 
 impl<S, B> tower::Service<Request<B>> for Bounded<S>
 where
@@ -347,7 +347,7 @@ where
                 let r = refusal(StatusCode::PAYLOAD_TOO_LARGE, msg, false);
                 return Box::pin(async move { Ok(track(r, busy)) });
             }
-            let Some(guard) = self.budget.try_acquire(declared) else {
+            let Ok(guard) = self.budget.try_acquire(declared) else {
                 count_refusal("body_budget");
                 tracing::debug!(bytes = declared, "request body refused: budget spent");
                 let r = refusal(
@@ -425,7 +425,7 @@ impl HttpBody for Tracked {
 pub struct BoundedBody<B> {
     inner: B,
     /// Shared with the request's future, which gives it back once the handler is done.
-    reservation: Option<Reservation>,
+    reservation: Option<SharedReservation>,
     received: u64,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     total_timeout: Duration,
