@@ -41,7 +41,7 @@ local function wake(q)
 end
 -- Invariant: an aggregation is in `ready` iff it has pending jobs, fewer downloads
 -- in flight than its limit, and is not waiting for its rate (in `ratewait`); it is
--- in `aggrs` iff it has pending jobs.
+-- in `pending_n` (with its count) iff it has pending jobs.
 local function refresh(a)
   local ak = P..'aggr:'..a
   local f = redis.call('HMGET', ak, 'limit', 'inflight')
