@@ -256,6 +256,7 @@ async fn web(
         guard,
         aggr_settings: cfg.api.aggregation_settings,
         proxies: Arc::new(cfg.proxy_policy().map_err(anyhow::Error::msg)?),
+        callback_guard: Arc::new(cfg.callback_guard().map_err(anyhow::Error::msg)?),
     };
     let thumbnailer = Arc::new(Thumbnailer::new(cfg.thumbnail.clone()));
     cfg.warn_body_budget();
@@ -306,6 +307,7 @@ async fn serve(
         guard,
         aggr_settings: cfg.api.aggregation_settings,
         proxies: Arc::new(cfg.proxy_policy().map_err(anyhow::Error::msg)?),
+        callback_guard: Arc::new(cfg.callback_guard().map_err(anyhow::Error::msg)?),
     };
     let root = cfg.storage_root().map_err(anyhow::Error::msg)?;
     cfg.warn_body_budget();
