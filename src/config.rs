@@ -294,6 +294,55 @@ pub struct NotifierConfig {
     /// Days a failed callback (a dead letter) is kept, listed and retryable, before
     /// it is deleted with its files.
     pub failed_retention: f64,
+    /// CIDRs callbacks may reach besides public addresses. Unset: the private networks
+    /// ([`crate::net::DEFAULT_CALLBACK_NETWORKS`]); set, it is taken as it is.
+    pub allowed_networks: Option<Vec<String>>,
+    /// `whsec_<base64>` keys every HTTP callback is signed with (Standard Webhooks),
+    /// one signature each: several while a key is rotated.
+    #[serde(deserialize_with = "secrets")]
+    pub signing_secrets: Vec<Secret>,
+}
+
+/// A list of secrets whose errors never quote a value (serde's own would).
+fn secrets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+    use serde::de::Error;
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(Vec::new()),
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                serde_json::Value::String(s) => Ok(Secret(s)),
+                _ => Err(D::Error::custom(format!(
+                    "entry {i} must be a string (whsec_<base64>)"
+                ))),
+            })
+            .collect(),
+        _ => Err(D::Error::custom("must be a list of whsec_<base64> strings")),
+    }
+}
+
+/// A secret from the config file: its `Debug` form never shows it, so that a config
+/// that is printed or logged does not carry it along.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 impl Default for NotifierConfig {
@@ -309,6 +358,8 @@ impl Default for NotifierConfig {
             shutdown_grace_secs: 30,
             admin_addr: None,
             failed_retention: 7.0,
+            allowed_networks: None,
+            signing_secrets: Vec::new(),
         }
     }
 }
@@ -534,6 +585,8 @@ impl Config {
             }
         }
         self.allowed_networks()?;
+        self.callback_networks()?;
+        crate::notifier::signing::Signer::from_config(&self.notifier.signing_secrets)?;
         crate::auth::Tokens::from_config(&self.api.tokens)?;
         for (i, e) in self.api.public_endpoints.iter().enumerate() {
             if !PUBLIC_ENDPOINTS.contains(&e.as_str()) {
@@ -598,25 +651,31 @@ impl Config {
 
     /// The networks downloads may reach beyond the public internet.
     pub fn allowed_networks(&self) -> Result<Vec<IpNet>, String> {
-        self.processor
+        parse_networks(
+            "processor.allowed_networks",
+            &self.processor.allowed_networks,
+        )
+    }
+
+    /// The networks callbacks may reach beyond the public internet, as configured
+    /// (`None`: not set, the default applies).
+    pub fn callback_networks(&self) -> Result<Option<Vec<IpNet>>, String> {
+        self.notifier
             .allowed_networks
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                s.parse::<IpNet>()
-                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-                    .map_err(|_| {
-                        format!(
-                            "key `processor.allowed_networks[{i}]`: {s:?} is not a CIDR network"
-                        )
-                    })
-            })
-            .collect()
+            .as_ref()
+            .map(|l| parse_networks("notifier.allowed_networks", l))
+            .transpose()
     }
 
     /// The address guard: public addresses and `processor.allowed_networks`.
     pub fn net_guard(&self) -> Result<crate::net::NetGuard, String> {
         Ok(crate::net::NetGuard::new(self.allowed_networks()?))
+    }
+
+    /// The callbacks' address guard (`notifier.allowed_networks`): the notifier judges
+    /// every address it connects to with it, and `web` a `callback_url` at submit.
+    pub fn callback_guard(&self) -> Result<crate::net::NetGuard, String> {
+        Ok(crate::net::NetGuard::callbacks(self.callback_networks()?))
     }
 
     /// Which `aggr_proxy`s jobs may use (`processor.allowed_proxies`, and the guard for
@@ -723,6 +782,18 @@ impl Config {
     }
 }
 
+/// CIDRs (or single addresses) of the config list `key`; a bad one is named with its index.
+fn parse_networks(key: &str, list: &[String]) -> Result<Vec<IpNet>, String> {
+    list.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("key `{key}[{i}]`: {s:?} is not a CIDR network"))
+        })
+        .collect()
+}
+
 fn backoff(ms: u64) -> Duration {
     if std::env::var_os(TEST_TIME_ENV).is_some() {
         Duration::from_millis(200)
@@ -763,6 +834,14 @@ mod tests {
         assert!(e.to_string().contains("notifier.deletion_interval"), "{e}");
         let e = parse(r#"{"processor":{"allowed_networks":["10.0.0.0/8","nope"]}}"#).unwrap_err();
         assert!(e.to_string().contains("allowed_networks[1]"), "{e}");
+        let e =
+            parse(r#"{"notifier":{"allowed_networks":["127.0.0.1","10.0.0.0/33"]}}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("notifier.allowed_networks[1]"),
+            "{e}"
+        );
+        let e = parse(r#"{"notifier":{"allowed_networks":"10.0.0.0/8"}}"#).unwrap_err();
+        assert!(e.to_string().contains("notifier.allowed_networks"), "{e}");
         let e = parse(r#"{"processor":{"allowed_proxies":["http://squid.corp:3128","ftp://x"]}}"#)
             .unwrap_err();
         assert!(

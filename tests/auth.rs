@@ -627,7 +627,7 @@ async fn serve_keeps_tenants_apart_and_files_behind_a_token() {
         "store": {"type": "embedded", "path": dir.path().join("data/store.redb")},
         "api": {"tokens": [a_entry, b_entry]},
         "processor": {"storage_dir": dir.path().join("data/files"), "allowed_networks": ["127.0.0.0/8"]},
-        "notifier": {"deletion_interval": 60}
+        "notifier": {"deletion_interval": 60, "allowed_networks": ["127.0.0.0/8"]}
     });
     let s = Serve::start(dir.path(), Some(&cfg)).await;
     let base = s.url("");

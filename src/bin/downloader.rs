@@ -54,6 +54,11 @@ enum Command {
     },
     /// Make thumbnails of image files.
     Thumbnail(downloader::thumbnail::cli::Args),
+    /// List and retry failed callbacks (dead letters).
+    Callbacks {
+        #[command(subcommand)]
+        command: downloader::web::callbacks::Command,
+    },
     /// Manage API tokens (`api.tokens`).
     Token {
         #[command(subcommand)]
@@ -132,7 +137,10 @@ fn main() -> ExitCode {
         },
         None => None,
     };
-    let separate = !matches!(cli.command, Command::Serve { .. });
+    let separate = !matches!(
+        cli.command,
+        Command::Serve { .. } | Command::Callbacks { .. }
+    );
     if let (true, Some(cfg), Some(path)) = (separate, &cfg, &config_path)
         && let StoreKind::Embedded(store) = cfg.store_kind()
     {
@@ -182,6 +190,7 @@ impl Command {
             Command::Serve { .. } => "serve",
             Command::Thumbnail(_) => "thumbnail",
             Command::Token { .. } => "token",
+            Command::Callbacks { .. } => "callbacks",
             Command::Version => "version",
         }
     }
@@ -193,6 +202,7 @@ fn config_path_of(command: &Command) -> Option<PathBuf> {
         | Command::Processor { config }
         | Command::Notifier { config } => Some(config.clone()),
         Command::Serve { config, .. } => config.clone(),
+        Command::Callbacks { command } => Some(command.config().to_path_buf()),
         Command::Thumbnail(_) | Command::Token { .. } | Command::Version => None,
     }
 }
@@ -203,6 +213,9 @@ async fn run(
     activated: Option<std::net::TcpListener>,
 ) -> ExitCode {
     let result = match (command, cfg) {
+        (Command::Callbacks { command }, Some(cfg)) => {
+            return downloader::web::callbacks::run_cli(command, &cfg).await;
+        }
         (Command::Serve { host, port, .. }, cfg) => serve(cfg, activated, &host, port).await,
         (Command::Web { host, port, .. }, Some(cfg)) => web(cfg, activated, &host, port).await,
         (Command::Processor { .. }, Some(cfg)) => processor(cfg).await,
@@ -256,6 +269,7 @@ async fn web(
         guard,
         aggr_settings: cfg.api.aggregation_settings,
         proxies: Arc::new(cfg.proxy_policy().map_err(anyhow::Error::msg)?),
+        callback_guard: Arc::new(cfg.callback_guard().map_err(anyhow::Error::msg)?),
     };
     let thumbnailer = Arc::new(Thumbnailer::new(cfg.thumbnail.clone()));
     cfg.warn_body_budget();
@@ -306,6 +320,7 @@ async fn serve(
         guard,
         aggr_settings: cfg.api.aggregation_settings,
         proxies: Arc::new(cfg.proxy_policy().map_err(anyhow::Error::msg)?),
+        callback_guard: Arc::new(cfg.callback_guard().map_err(anyhow::Error::msg)?),
     };
     let root = cfg.storage_root().map_err(anyhow::Error::msg)?;
     cfg.warn_body_budget();

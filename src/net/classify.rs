@@ -8,7 +8,8 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-/// A range that downloads may not reach unless `processor.allowed_networks` opens it.
+/// A range that downloads (callbacks) may not reach unless `processor.allowed_networks`
+/// (`notifier.allowed_networks`) opens it.
 pub struct Range<A> {
     pub addr: A,
     pub prefix: u8,

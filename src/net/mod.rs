@@ -1,8 +1,11 @@
-//! Which addresses downloads may reach. A merchant URL (or an aggregation's proxy)
-//! must never make us connect to an internal service, so every address we connect to
-//! is judged here: each address a host name resolves to (`resolver`), each IP-literal
-//! URL, redirects included, and each proxy (`proxy`). `classify` holds the ranges and
-//! the IPv6 forms that carry an IPv4 address.
+//! Which addresses downloads and callbacks may reach. A merchant URL (or an
+//! aggregation's proxy) or a client's `callback_url` must never make us connect to an
+//! internal service, so every address we connect to is judged here: each address a
+//! host name resolves to (`resolver`), each IP-literal URL, redirects included, and
+//! each proxy (`proxy`). `classify` holds the ranges and the IPv6 forms that carry an
+//! IPv4 address. Downloads use `processor.allowed_networks` (public addresses only by
+//! default), callbacks `notifier.allowed_networks` ([`NetGuard::callbacks`]: private
+//! networks too by default, since callback receivers usually live there).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -30,31 +33,97 @@ pub struct AddressRefused {
     /// `None` for a localhost name, refused by name.
     pub ip: Option<IpAddr>,
     pub why: String,
+    /// The config key that would open it (`processor.allowed_networks`, ...).
+    pub key: &'static str,
 }
 
 impl AddressRefused {
     fn message(&self) -> String {
         match self.ip {
             Some(ip) => format!(
-                "address {ip} of {} is not allowed: {} (not a public address; see processor.allowed_networks)",
-                self.host, self.why
+                "address {ip} of {} is not allowed: {} (not a public address; see {})",
+                self.host, self.why, self.key
             ),
             None => format!(
-                "host {} is not allowed: {} (see processor.allowed_networks)",
-                self.host, self.why
+                "host {} is not allowed: {} (see {})",
+                self.host, self.why, self.key
             ),
         }
     }
 }
 
-#[derive(Debug, Clone, Default)]
+/// The config key of the downloads' guard.
+pub const DOWNLOADS_KEY: &str = "processor.allowed_networks";
+/// The config key of the callbacks' guard.
+pub const CALLBACKS_KEY: &str = "notifier.allowed_networks";
+
+/// What callbacks may reach besides public addresses while `notifier.allowed_networks`
+/// is not set: the private networks, where receivers of an operator's own services
+/// live. Not loopback (the notifier's own machine: Redis, admin listeners), not
+/// link-local (cloud metadata at 169.254.169.254), not shared address space
+/// (100.64.0.0/10: Alibaba Cloud's metadata is 100.100.100.200), nor anything else
+/// `classify` lists.
+pub const DEFAULT_CALLBACK_NETWORKS: [&str; 4] =
+    ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"];
+
+/// Addresses inside [`DEFAULT_CALLBACK_NETWORKS`] that the default still refuses:
+/// AWS's instance metadata service (with its DNS and NTP servers) on IPv6.
+pub const DEFAULT_CALLBACK_EXCEPTIONS: [(&str, &str); 1] = [(
+    "fd00:ec2::/32",
+    "AWS instance metadata, DNS and NTP on IPv6 (fd00:ec2::/32), left out of the default",
+)];
+
+#[derive(Debug, Clone)]
 pub struct NetGuard {
     allowed: Vec<IpNet>,
+    /// Refused even inside `allowed` (the default callback networks' exceptions).
+    except: Vec<(IpNet, &'static str)>,
+    /// The config key named in refusals.
+    key: &'static str,
+}
+
+impl Default for NetGuard {
+    fn default() -> NetGuard {
+        NetGuard::new(Vec::new())
+    }
 }
 
 impl NetGuard {
+    /// The downloads' guard: public addresses and `allowed`
+    /// (`processor.allowed_networks`).
     pub fn new(allowed: Vec<IpNet>) -> NetGuard {
-        NetGuard { allowed }
+        NetGuard {
+            allowed,
+            except: Vec::new(),
+            key: DOWNLOADS_KEY,
+        }
+    }
+
+    /// The callbacks' guard: public addresses and `configured`
+    /// (`notifier.allowed_networks`, taken as it is), or without it
+    /// [`DEFAULT_CALLBACK_NETWORKS`] but [`DEFAULT_CALLBACK_EXCEPTIONS`].
+    pub fn callbacks(configured: Option<Vec<IpNet>>) -> NetGuard {
+        let parse = |s: &str| s.parse::<IpNet>().expect("a valid built-in network");
+        match configured {
+            Some(allowed) => NetGuard {
+                allowed,
+                except: Vec::new(),
+                key: CALLBACKS_KEY,
+            },
+            None => NetGuard {
+                allowed: DEFAULT_CALLBACK_NETWORKS.iter().map(|s| parse(s)).collect(),
+                except: DEFAULT_CALLBACK_EXCEPTIONS
+                    .iter()
+                    .map(|(n, why)| (parse(n), *why))
+                    .collect(),
+                key: CALLBACKS_KEY,
+            },
+        }
+    }
+
+    /// The config key that opens networks of this guard.
+    pub fn key(&self) -> &'static str {
+        self.key
     }
 
     fn allowed(&self, ip: IpAddr) -> bool {
@@ -66,6 +135,9 @@ impl NetGuard {
     /// carries IPv4 addresses is permitted only when each of them is (an allowed
     /// network containing the IPv6 address itself also permits it).
     pub fn refusal(&self, ip: IpAddr) -> Option<String> {
+        if let Some((_, why)) = self.except.iter().find(|(n, _)| n.contains(&ip)) {
+            return Some(why.to_string());
+        }
         if self.allowed(ip) {
             return None;
         }
@@ -96,12 +168,13 @@ impl NetGuard {
                 host: host.to_string(),
                 ip: Some(ip),
                 why,
+                key: self.key,
             }),
         }
     }
 
     /// The loopback addresses a localhost name may use, or the refusal when there are
-    /// none (the default: `processor.allowed_networks` opens 127.0.0.0/8 or ::1).
+    /// none (the default: the guard's allowed networks open 127.0.0.0/8 or ::1).
     pub fn localhost(&self, host: &str) -> Result<Vec<IpAddr>, AddressRefused> {
         let ok: Vec<IpAddr> = LOOPBACK
             .into_iter()
@@ -112,6 +185,7 @@ impl NetGuard {
                 host: host.to_string(),
                 ip: None,
                 why: "a localhost name is the loopback (RFC 6761)".into(),
+                key: self.key,
             });
         }
         Ok(ok)
@@ -137,6 +211,28 @@ impl NetGuard {
             None => Ok(()),
         }
     }
+}
+
+/// The first [`AddressRefused`] in `e`'s chain, looking inside boxed errors and
+/// `io::Error`s (hyper and reqwest wrap the resolver's and the redirect policy's
+/// errors in both).
+pub fn find_refused<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a AddressRefused> {
+    fn inside<'a>(c: &'a (dyn std::error::Error + 'static)) -> Option<&'a AddressRefused> {
+        if let Some(t) = c.downcast_ref::<AddressRefused>() {
+            return Some(t);
+        }
+        let inner: &(dyn std::error::Error + 'static) =
+            c.downcast_ref::<std::io::Error>()?.get_ref()?;
+        inside(inner)
+    }
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(t) = inside(c) {
+            return Some(t);
+        }
+        cur = c.source();
+    }
+    None
 }
 
 #[cfg(test)]
@@ -303,5 +399,66 @@ mod tests {
         assert!(e.contains("6to4 form of 127.0.0.1"), "{e}");
         let e = g.localhost("localhost.").unwrap_err().to_string();
         assert!(e.contains("localhost.") && e.contains("RFC 6761"), "{e}");
+    }
+
+    #[test]
+    fn callbacks_reach_private_networks_by_default_but_no_loopback_or_metadata() {
+        let g = NetGuard::callbacks(None);
+        for a in [
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.254",
+            "192.168.1.1",
+            "fd12:3456::1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
+            "8.8.8.8",
+            "2606:2800:220:1::1",
+        ] {
+            assert!(g.permits(ip(a)), "{a}");
+        }
+        for a in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "::",
+            "0.0.0.0",
+            "169.254.169.254",
+            "fe80::1",
+            "fd00:ec2::254",
+            "fd00:ec2::23",
+            "100.100.100.200",
+            "100.64.0.1",
+            "224.0.0.1",
+            "ff02::1",
+            "192.0.2.1",
+            "2001:db8::1",
+            "240.0.0.1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "64:ff9b::7f00:1",
+            "2002:7f00:1::",
+            "2001:0:7f00:1::",
+        ] {
+            assert!(!g.permits(ip(a)), "{a}");
+        }
+        let e = g.check("x", ip("fd00:ec2::254")).unwrap_err().to_string();
+        assert!(
+            e.contains("AWS instance metadata") && e.contains("notifier.allowed_networks"),
+            "{e}"
+        );
+        let e = g.localhost("localhost.").unwrap_err().to_string();
+        assert!(e.contains("notifier.allowed_networks"), "{e}");
+        // A list that is set is taken as it is: [] is public addresses only, and a
+        // listed network is open even where the default made an exception.
+        let g = NetGuard::callbacks(Some(vec![]));
+        assert!(!g.permits(ip("10.0.0.1")) && g.permits(ip("8.8.8.8")));
+        let g = NetGuard::callbacks(Some(vec!["fd00::/8".parse().unwrap()]));
+        assert!(g.permits(ip("fd00:ec2::254")));
+        assert!(!g.permits(ip("10.0.0.1")));
+        // Downloads' guard names its own key.
+        let e = NetGuard::default().check("x", ip("10.0.0.1")).unwrap_err();
+        assert!(e.to_string().contains("processor.allowed_networks"), "{e}");
     }
 }

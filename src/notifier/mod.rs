@@ -14,9 +14,16 @@ use crate::stats::Stats;
 use crate::store::{Claimed, Queue, Store};
 use crate::worker::{self, Handler, WorkerConfig, persist};
 
+mod delivery;
+pub mod http;
+pub mod signing;
+
+pub use delivery::DeliveryError;
+
 pub struct Notifier {
     store: Arc<dyn Store>,
-    client: reqwest::Client,
+    /// Delivers HTTP callbacks (`http.rs`); another kind of callback is another sender.
+    sender: http::HttpSender,
     download_url: String,
     stats: Arc<Stats>,
     backoff: Duration,
@@ -29,18 +36,9 @@ pub struct Notifier {
 
 impl Notifier {
     pub fn new(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Notifier> {
-        crate::install_crypto_provider();
-        let timeout = Duration::from_secs(cfg.backends.http.timeout);
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .no_proxy()
-            .pool_idle_timeout(Duration::from_secs(60))
-            .redirect(reqwest::redirect::Policy::limited(5))
-            .build()?;
         Ok(Notifier {
             store,
-            client,
+            sender: http::HttpSender::new(cfg)?,
             download_url: cfg.download_url().map_err(anyhow::Error::msg)?,
             stats: Arc::new(Stats::default()),
             backoff: cfg.notifier_backoff(),
@@ -71,38 +69,6 @@ impl Notifier {
         worker::run(self.store.clone(), wc, self.clone(), shutdown).await;
         background.cancel();
         while helpers.join_next().await.is_some() {}
-    }
-
-    /// POSTs the payload; `Err` says why it was not delivered.
-    async fn deliver(&self, c: &Claimed) -> Result<(), String> {
-        let cb = c
-            .job
-            .spec
-            .callback
-            .as_ref()
-            .ok_or("job has no callback destination")?;
-        let payload = c.job.callback_payload(&self.download_url);
-        let resp = self
-            .client
-            .post(&cb.dst)
-            .json(&payload)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    "callback timed out".to_string()
-                } else {
-                    format!("callback failed: {e}")
-                }
-            })?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "callback receiver answered status code {}",
-                resp.status().as_u16()
-            ))
-        }
     }
 
     /// Deletes the files and records of jobs whose deletion is due, failed callbacks
@@ -186,8 +152,9 @@ impl Handler for Notifier {
         async {
             let _in_flight = crate::metrics::CallbackInFlight::enter();
             let started = std::time::Instant::now();
+            let payload = c.job.callback_payload(&self.download_url);
             let r = tokio::select! {
-                r = self.deliver(&c) => r,
+                r = self.sender.deliver(&c.job, &payload) => r,
                 _ = cancel.cancelled() => {
                     if let Err(e) = self.store.release(Queue::Callback, &c.job.id, &c.token).await {
                         tracing::warn!(error = %e, "cannot hand the callback back; its lease will expire");
@@ -208,16 +175,23 @@ impl Handler for Notifier {
                     })
                     .await;
                 }
-                Err(error) if c.job.callback_attempts > self.retries => {
+                // A refused address (or an unusable destination) fails at once.
+                Err(e) if !e.retryable() || c.job.callback_attempts > self.retries => {
+                    let error = e.to_string();
                     self.stats.add("failedCallbacks", 1);
                     m.callbacks_failed.inc();
-                    tracing::warn!(error, "callback failed; no retries left");
+                    if e.retryable() {
+                        tracing::warn!(error, "callback failed; no retries left");
+                    } else {
+                        tracing::warn!(error, "callback failed; not retried");
+                    }
                     persist("fail callback", || {
                         self.store.fail_callback(id, token, &error)
                     })
                     .await;
                 }
-                Err(error) => {
+                Err(e) => {
+                    let error = e.to_string();
                     self.stats.add("callbackRetries", 1);
                     m.callback_retries.inc();
                     let delay = self.backoff * 2u32.saturating_pow(c.job.callback_attempts.saturating_sub(1).min(10));

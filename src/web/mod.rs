@@ -44,6 +44,9 @@ pub struct AppState {
     pub submit_limits: crate::job::SubmitLimits,
     /// Which `aggr_proxy`s a job may name (the processor applies the same).
     pub proxies: Arc<crate::net::ProxyPolicy>,
+    /// Which addresses a `callback_url` may name: the notifier's guard
+    /// (`notifier.allowed_networks`), which judges every address again at delivery.
+    pub callback_guard: Arc<crate::net::NetGuard>,
 }
 
 /// What `GET /info` reports about this process.
@@ -247,6 +250,7 @@ async fn submit(
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.0))?;
     spec.tenant = caller.tenant;
     check_proxy(&s.proxies, &spec)?;
+    check_callback(&s.callback_guard, &spec, &body)?;
     let id = new_id();
     s.store.submit_with(&id, &spec, s.aggr_settings).await?;
     crate::metrics::metrics().jobs_submitted.inc();
@@ -269,6 +273,38 @@ fn check_proxy(policy: &crate::net::ProxyPolicy, spec: &JobSpec) -> Result<(), A
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string())),
         None => Ok(()),
     }
+}
+
+/// A callback URL whose host the notifier would refuse without asking DNS (an IP
+/// literal, in any spelling the URL parser reads as one, or a localhost name) is a 400
+/// naming the field the client used. Other names are judged on their addresses when
+/// the notifier connects.
+fn check_callback(
+    guard: &crate::net::NetGuard,
+    spec: &JobSpec,
+    body: &[u8],
+) -> Result<(), ApiError> {
+    let Some(cb) = &spec.callback else {
+        return Ok(());
+    };
+    // `JobSpec` validated the URL: a parse error here cannot happen, and the
+    // notifier would fail such a callback at once anyway.
+    let Ok(url) = url::Url::parse(&cb.dst) else {
+        return Ok(());
+    };
+    guard.check_url(&url).map_err(|e| {
+        // `callback_url` wins over `callback_dst` when both are given.
+        let legacy = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| Some(!v.get("callback_url")?.as_str()?.is_empty()))
+            .unwrap_or(false);
+        let field = if legacy {
+            "callback_url"
+        } else {
+            "callback_dst"
+        };
+        ApiError(StatusCode::BAD_REQUEST, format!("{field}: {e}"))
+    })
 }
 
 /// The job, if it exists and is the caller's to see (another tenant's job is as
