@@ -298,8 +298,9 @@ mod tests {
         let held = b.try_acquire(100).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let mut threads = Vec::new();
-        // A big one first, then a small one: the small one must not overtake.
-        for (i, n) in [(0, 90u64), (1, 10)] {
+        // A big one first, then a small one: the small one must not overtake. 90 + 20
+        // is over the budget, so the second is granted only once the first gives back.
+        for (i, n) in [(0, 90u64), (1, 20)] {
             let b2 = b.clone();
             let tx = tx.clone();
             threads.push(std::thread::spawn(move || {
@@ -313,10 +314,10 @@ mod tests {
         }
         drop(held);
         assert_eq!(rx.recv_timeout(Duration::from_secs(60)).unwrap(), 0);
+        let mut threads = threads.into_iter();
+        drop(threads.next().unwrap().join().unwrap());
         assert_eq!(rx.recv_timeout(Duration::from_secs(60)).unwrap(), 1);
-        for t in threads {
-            drop(t.join().unwrap());
-        }
+        drop(threads.next().unwrap().join().unwrap());
         assert_eq!(b.free(), 100);
     }
 

@@ -341,7 +341,8 @@ pub fn failure_reason(error: &str, code: u16) -> &'static str {
         "too_large"
     } else if e.starts_with("tls error") {
         "tls"
-    } else if e.contains("is not allowed (not a public address") {
+    } else if e.contains(" is not allowed") && e.contains("allowed_") {
+        // `net::AddressRefused` and the proxy refusals name the key that would open them.
         "address_refused"
     } else if e.contains("timed out") {
         "timeout"
@@ -597,7 +598,12 @@ mod tests {
             ),
             ("TLS error: invalid peer certificate", 0, "tls"),
             (
-                "address 10.0.0.1 of x.test is not allowed (not a public address; see processor.allowed_networks)",
+                "address 10.0.0.1 of x.test is not allowed: private (not a public address; see processor.allowed_networks)",
+                0,
+                "address_refused",
+            ),
+            (
+                "host localhost is not allowed: loopback by name (see processor.allowed_networks)",
                 0,
                 "address_refused",
             ),
