@@ -343,7 +343,7 @@ pub fn failure_reason(error: &str, code: u16) -> &'static str {
         "tls"
     } else if e.contains("is not allowed (not a public address") {
         "address_refused"
-    } else if e.contains("timed out") {
+    } else if e.contains("timed out") || e.starts_with("download stalled") {
         "timeout"
     } else if e.starts_with("unexpected eof") {
         "truncated"
