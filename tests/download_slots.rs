@@ -218,6 +218,69 @@ fn bad_timeout_and_share_keys_are_config_errors() {
     }
 }
 
+/// An origin that trickles: a header, then one byte every 300 ms, never idle long.
+async fn start_trickler() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n";
+                if sock.write_all(head).await.is_err() {
+                    return;
+                }
+                // Ends when the client hangs up (or after 100 s).
+                for _ in 0..330 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    if sock.write_all(b"x").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A job stored before the cap existed (straight into the store, past `web`) that asks
+/// for 1000 s is clamped to `max_download_timeout` by the processor.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stored_job_asking_more_than_the_cap_is_clamped() {
+    let rx = start_receiver().await;
+    let s = Service::start(json!({"processor": {
+        "max_download_timeout": 3, "download_timeout": 3, "read_idle_timeout": 1
+    }}))
+    .await;
+    let store = downloader::store::redis::RedisStore::connect(&downloader::config::RedisConfig {
+        key_prefix: s.prefix.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let origin = start_trickler().await;
+    let mut spec = downloader::job::JobSpec::from_json(
+        job(&format!("http://{origin}/f"), &rx.url(0), "old")
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    spec.download_timeout = Some(1000);
+    let id = downloader::job::new_id();
+    let started = Instant::now();
+    downloader::store::Store::submit(&store, &id, &spec)
+        .await
+        .unwrap();
+    let cb = rx.wait_for(&id, 20).await;
+    assert_eq!(cb["error"], "download timed out after 3s", "{cb}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 // ------------------------------------------------------------------ stalls
 
 /// Both kinds of stall fail their job within `read_idle_timeout` (1 s; the job's
