@@ -895,6 +895,31 @@ mod tests {
     }
 
     #[test]
+    fn slot_shares_are_counts_or_percentages() {
+        let cfg = parse("{}").unwrap();
+        assert_eq!(cfg.processor.max_slots_per_aggregation.of(1024), 512);
+        assert_eq!(cfg.processor.max_slots_per_tenant.of(7), 4);
+        let cfg = parse(
+            r#"{"processor":{"max_slots_per_aggregation":10,"max_slots_per_tenant":"12.5%"}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.processor.max_slots_per_aggregation.of(1024), 10);
+        assert_eq!(cfg.processor.max_slots_per_aggregation.of(4), 4);
+        assert_eq!(cfg.processor.max_slots_per_tenant.of(1024), 128);
+        assert_eq!(SlotShare::Percent(0.01).of(8), 1);
+        for bad in [r#""50""#, r#""150%""#, "0", "1.5", r#""x%""#, "true"] {
+            let e = parse(&format!(
+                r#"{{"processor":{{"max_slots_per_tenant":{bad}}}}}"#
+            ))
+            .unwrap_err();
+            assert!(
+                e.to_string().contains("processor.max_slots_per_tenant"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_kept_for_the_log() {
         let cfg =
             parse(r#"{"api":{"max_request_header":3},"procesor":{},"backends":{"kafka":{"x":1}}}"#)
