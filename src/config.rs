@@ -224,6 +224,17 @@ pub struct ProcessorConfig {
     pub lease_secs: u64,
     /// Transfer timeout of a job that sets no `download_timeout`, in seconds.
     pub download_timeout: u64,
+    /// Largest `download_timeout` a job may ask (web refuses more; the processor
+    /// clamps stored jobs that ask more), in seconds.
+    pub max_download_timeout: u64,
+    /// Seconds a download may go without receiving a byte (response headers included)
+    /// before it fails as stalled (retryable).
+    pub read_idle_timeout: f64,
+    /// Most of this processor's download slots one aggregation may hold.
+    pub max_slots_per_aggregation: SlotShare,
+    /// Most of this processor's download slots one tenant (API token) may hold, over
+    /// all its aggregations.
+    pub max_slots_per_tenant: SlotShare,
     /// Downloads one processor runs at once, over all aggregations.
     pub max_concurrent_downloads: usize,
     /// Seconds that in-flight downloads get to finish after SIGTERM.
@@ -261,6 +272,10 @@ impl Default for ProcessorConfig {
             max_download_bytes: 1 << 30,
             lease_secs: 15,
             download_timeout: 60,
+            max_download_timeout: crate::job::DEFAULT_MAX_DOWNLOAD_TIMEOUT,
+            read_idle_timeout: 30.0,
+            max_slots_per_aggregation: SlotShare::Percent(50.0),
+            max_slots_per_tenant: SlotShare::Percent(50.0),
             max_concurrent_downloads: 1024,
             shutdown_grace_secs: 30,
             per_host_concurrency: 0,
@@ -271,6 +286,49 @@ impl Default for ProcessorConfig {
             disk_high_watermark_percent: 95.0,
             disk_low_watermark_percent: 90.0,
             disk_check_interval_ms: 5000,
+        }
+    }
+}
+
+/// A share of the processor's download slots: a number of slots, or a percentage of
+/// `processor.max_concurrent_downloads` (`"50%"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SlotShare {
+    Slots(usize),
+    Percent(f64),
+}
+
+impl SlotShare {
+    /// The share as a number of slots out of `total`: at least 1, at most `total`.
+    pub fn of(self, total: usize) -> usize {
+        let n = match self {
+            SlotShare::Slots(n) => n,
+            SlotShare::Percent(p) => (total as f64 * p / 100.0).ceil() as usize,
+        };
+        n.clamp(1, total.max(1))
+    }
+}
+
+impl<'de> Deserialize<'de> for SlotShare {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SlotShare, D::Error> {
+        let bad = || {
+            serde::de::Error::custom(
+                "must be a number of slots (an integer >= 1) or a percentage such as \"50%\" (above 0, at most 100)",
+            )
+        };
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Number(n) => match n.as_u64() {
+                Some(n) if n >= 1 => Ok(SlotShare::Slots(n as usize)),
+                _ => Err(bad()),
+            },
+            serde_json::Value::String(s) => match s.trim().strip_suffix('%') {
+                Some(p) => match p.trim().parse::<f64>() {
+                    Ok(p) if p > 0.0 && p <= 100.0 => Ok(SlotShare::Percent(p)),
+                    _ => Err(bad()),
+                },
+                None => Err(bad()),
+            },
+            _ => Err(bad()),
         }
     }
 }
@@ -396,6 +454,7 @@ impl Config {
     pub fn submit_limits(&self) -> crate::job::SubmitLimits {
         crate::job::SubmitLimits {
             max_thumbnail_pixels: self.thumbnail.max_output_pixels,
+            max_download_timeout: self.processor.max_download_timeout,
             ..self.api.submit_limits()
         }
     }
@@ -572,6 +631,24 @@ impl Config {
         }
         if self.processor.max_concurrent_downloads == 0 {
             return Err("key `processor.max_concurrent_downloads`: must be greater than 0".into());
+        }
+        let max_timeout = p.max_download_timeout;
+        if max_timeout == 0 || max_timeout > 86_400 * 7 {
+            return Err(
+                "key `processor.max_download_timeout`: must be a number of seconds from 1 to 604800 (a week)"
+                    .into(),
+            );
+        }
+        if p.download_timeout > max_timeout {
+            return Err(format!(
+                "key `processor.download_timeout`: {} is above processor.max_download_timeout ({max_timeout})",
+                p.download_timeout
+            ));
+        }
+        if !(p.read_idle_timeout > 0.0 && p.read_idle_timeout <= max_timeout as f64) {
+            return Err(format!(
+                "key `processor.read_idle_timeout`: must be a number of seconds greater than 0 and at most processor.max_download_timeout ({max_timeout})"
+            ));
         }
         if let Some(fs) = &self.processor.filestorage {
             if fs.kind != "filesystem" {
@@ -754,6 +831,16 @@ impl Config {
         h
     }
 
+    /// How long a download may take at most (`processor.max_download_timeout`).
+    pub fn max_download_timeout(&self) -> Duration {
+        Duration::from_secs(self.processor.max_download_timeout)
+    }
+
+    /// How long a download may receive nothing (`processor.read_idle_timeout`).
+    pub fn read_idle_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.processor.read_idle_timeout)
+    }
+
     /// Per-host politeness (`processor.per_host_*`).
     pub fn host_limits(&self) -> crate::store::HostLimits {
         crate::store::HostLimits {
@@ -884,6 +971,31 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.processor.admin_addr.as_deref(), Some("127.0.0.1:9101"));
+    }
+
+    #[test]
+    fn slot_shares_are_counts_or_percentages() {
+        let cfg = parse("{}").unwrap();
+        assert_eq!(cfg.processor.max_slots_per_aggregation.of(1024), 512);
+        assert_eq!(cfg.processor.max_slots_per_tenant.of(7), 4);
+        let cfg = parse(
+            r#"{"processor":{"max_slots_per_aggregation":10,"max_slots_per_tenant":"12.5%"}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.processor.max_slots_per_aggregation.of(1024), 10);
+        assert_eq!(cfg.processor.max_slots_per_aggregation.of(4), 4);
+        assert_eq!(cfg.processor.max_slots_per_tenant.of(1024), 128);
+        assert_eq!(SlotShare::Percent(0.01).of(8), 1);
+        for bad in [r#""50""#, r#""150%""#, "0", "1.5", r#""x%""#, "true"] {
+            let e = parse(&format!(
+                r#"{{"processor":{{"max_slots_per_tenant":{bad}}}}}"#
+            ))
+            .unwrap_err();
+            assert!(
+                e.to_string().contains("processor.max_slots_per_tenant"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

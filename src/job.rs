@@ -73,6 +73,14 @@ impl JobSpec {
         }
     }
 
+    /// The tenant whose aggregation `aggr_key` is (see [`JobSpec::aggr_key`]), if any.
+    pub fn tenant_of(aggr_key: &str) -> Option<&str> {
+        aggr_key
+            .strip_prefix(TENANT_MARK)
+            .and_then(|rest| rest.split_once('/'))
+            .map(|(t, _)| t)
+    }
+
     /// The URL's host (lower case): the key of per-host limits and pauses.
     pub fn host(&self) -> String {
         url::Url::parse(&self.url)
@@ -172,6 +180,12 @@ pub const DEFAULT_MAX_REQUEST_HEADERS_BYTES: usize = 8192;
 /// while a job record (stored until its callback is done) stays small.
 pub const DEFAULT_MAX_EXTRA_BYTES: usize = 64 * 1024;
 
+/// Default longest `download_timeout` a job may ask (`processor.max_download_timeout`),
+/// in seconds: the largest file allowed by default (`processor.max_download_bytes`,
+/// 1 GiB) arrives at 5 Mbit/s, while a slot held by a trickling origin is given back
+/// within half an hour.
+pub const DEFAULT_MAX_DOWNLOAD_TIMEOUT: u64 = 1800;
+
 /// Limits on a `POST /download` body besides its size: the `api.*` keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubmitLimits {
@@ -183,6 +197,8 @@ pub struct SubmitLimits {
     pub max_extra_bytes: usize,
     /// Largest `thumbnails[i]` box, width × height (`thumbnail.max_output_pixels`).
     pub max_thumbnail_pixels: u64,
+    /// Largest `download_timeout`, in seconds (`processor.max_download_timeout`).
+    pub max_download_timeout: u64,
 }
 
 impl Default for SubmitLimits {
@@ -192,6 +208,7 @@ impl Default for SubmitLimits {
             max_request_headers_bytes: DEFAULT_MAX_REQUEST_HEADERS_BYTES,
             max_extra_bytes: DEFAULT_MAX_EXTRA_BYTES,
             max_thumbnail_pixels: crate::thumbnail::Config::default().max_output_pixels,
+            max_download_timeout: DEFAULT_MAX_DOWNLOAD_TIMEOUT,
         }
     }
 }
@@ -369,7 +386,16 @@ impl JobSpec {
 
         let download_timeout = match obj.get("download_timeout") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(positive_int("download_timeout", v, 1)?),
+            Some(v) => {
+                let t = positive_int("download_timeout", v, 1)?;
+                if t > limits.max_download_timeout {
+                    return Err(invalid(format!(
+                        "download_timeout must be at most {} seconds (processor.max_download_timeout), got {t}",
+                        limits.max_download_timeout
+                    )));
+                }
+                Some(t)
+            }
         };
 
         let mut request_headers = BTreeMap::new();
@@ -812,6 +838,45 @@ mod tests {
         };
         assert!(with_extra(10, &tight).is_ok());
         assert!(with_extra(11, &tight).is_err());
+    }
+
+    #[test]
+    fn download_timeout_is_capped() {
+        let with_timeout = |t: Value, limits: &SubmitLimits| {
+            let mut body: Value = serde_json::from_str(OK).unwrap();
+            body["download_timeout"] = t;
+            JobSpec::from_json_with(body.to_string().as_bytes(), limits)
+        };
+        let d = SubmitLimits::default();
+        let max = DEFAULT_MAX_DOWNLOAD_TIMEOUT;
+        assert_eq!(
+            with_timeout(max.into(), &d).unwrap().download_timeout,
+            Some(max)
+        );
+        for t in [
+            Value::from(max + 1),
+            Value::from(u64::MAX),
+            Value::from(1e300),
+        ] {
+            let e = with_timeout(t.clone(), &d).unwrap_err().0;
+            assert!(e.starts_with("download_timeout"), "{t}: {e}");
+        }
+        let e = with_timeout((max + 1).into(), &d).unwrap_err().0;
+        assert!(e.contains("processor.max_download_timeout"), "{e}");
+        let tight = SubmitLimits {
+            max_download_timeout: 5,
+            ..d
+        };
+        assert!(with_timeout(5.into(), &tight).is_ok());
+        assert!(with_timeout(6.into(), &tight).is_err());
+    }
+
+    #[test]
+    fn tenant_of_an_aggregation_key() {
+        assert_eq!(JobSpec::tenant_of("@shop-1/feed"), Some("shop-1"));
+        assert_eq!(JobSpec::tenant_of("@shop-1/a/b"), Some("shop-1"));
+        assert_eq!(JobSpec::tenant_of("feed"), None);
+        assert_eq!(JobSpec::tenant_of("@no-slash"), None);
     }
 
     fn with_headers(headers: Value, limits: &SubmitLimits) -> Result<JobSpec, ValidationError> {

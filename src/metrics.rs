@@ -344,7 +344,7 @@ pub fn failure_reason(error: &str, code: u16) -> &'static str {
     } else if e.contains(" is not allowed") && e.contains("allowed_") {
         // `net::AddressRefused` and the proxy refusals name the key that would open them.
         "address_refused"
-    } else if e.contains("timed out") {
+    } else if e.contains("timed out") || e.starts_with("download stalled") {
         "timeout"
     } else if e.starts_with("unexpected eof") {
         "truncated"

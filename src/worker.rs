@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::store::{Claimed, Queue, Store};
+use crate::store::{ClaimShares, Claimed, Queue, Store};
 
 /// The longest an idle worker waits before it looks at the queue again without being
 /// woken (recovers expired leases of dead workers and missed wake-ups).
@@ -27,6 +27,18 @@ pub trait Handler: Send + Sync + 'static {
     /// `cancel` fires (lease lost, or shutdown past the grace period) it must stop and
     /// hand the job back with `Store::release`.
     async fn handle(&self, job: Claimed, cancel: CancellationToken);
+
+    /// What the next claim of up to `max` jobs may take (the processor's fair shares
+    /// of its slots). Default: anything.
+    fn claim_shares(&self, _max: usize) -> ClaimShares {
+        ClaimShares::default()
+    }
+
+    /// Called for each claimed job before the next claim; what it returns is dropped
+    /// when the job's task ends (the processor counts the job in its shares with it).
+    fn claimed(&self, _job: &Claimed) -> Box<dyn Send> {
+        Box::new(())
+    }
 }
 
 pub struct WorkerConfig {
@@ -101,7 +113,11 @@ pub async fn run(
             continue;
         }
         let room = (cfg.max_in_flight - tasks.len()).min(CLAIM_BATCH);
-        match store.claim_many(cfg.queue, cfg.lease, room).await {
+        let shares = handler.claim_shares(room);
+        match store
+            .claim_shared(cfg.queue, cfg.lease, room, &shares)
+            .await
+        {
             Ok((claimed, _)) if !claimed.is_empty() => {
                 error_backoff = Duration::from_millis(100);
                 for c in claimed {
@@ -111,10 +127,12 @@ pub async fn run(
                         .lock()
                         .insert(id.clone(), (c.token.clone(), cancel.clone()));
                     let (h, l) = (handler.clone(), leases.clone());
+                    let ticket = handler.claimed(&c);
                     tasks.spawn(
                         async move {
                             h.handle(c, cancel).await;
                             l.lock().remove(&id);
+                            drop(ticket);
                         }
                         .in_current_span(),
                     );

@@ -10,7 +10,8 @@ use downloader::job::{Callback, JobSpec, new_id};
 use downloader::store::embedded::EmbeddedStore;
 use downloader::store::redis::RedisStore;
 use downloader::store::{
-    AggrFilter, AggrSettings, Claim, Claimed, DownloadResult, Queue, RetryCallback, Store,
+    AggrFilter, AggrSettings, Claim, ClaimShares, Claimed, DownloadResult, Queue, RetryCallback,
+    Store,
 };
 
 const REDIS_ADDR: &str = "127.0.0.1:6379";
@@ -162,9 +163,55 @@ conformance!(
     failed_callbacks_are_listed_paged_filtered_and_expire,
     pending_counts_are_kept_and_pages_go_busiest_first,
     an_aggregation_with_no_job_left_is_removed,
+    claim_shares_skip_what_has_no_room,
+    claim_shares_find_others_past_a_full_tenants_many_aggregations,
 );
 
 // ------------------------------------------------------------------ helpers
+
+fn tenant_spec(tenant: &str, aggr: &str, limit: u32) -> JobSpec {
+    JobSpec {
+        tenant: Some(tenant.into()),
+        ..spec(aggr, limit, None)
+    }
+}
+
+/// Claims with `shares` until nothing is left to claim, counting what each claim took
+/// against the shares as a processor does (a zero `next_due` means the claim had more
+/// to look at: asked again at once); the jobs' aggregations, and how many claims it
+/// took.
+async fn claim_all_shared(
+    s: &Arc<dyn Store>,
+    max: usize,
+    shares: &ClaimShares,
+) -> (Vec<String>, usize) {
+    let mut shares = shares.clone();
+    let mut got = Vec::new();
+    for calls in 1..=100 {
+        let (jobs, due) = s
+            .claim_shared(Queue::Download, LONG, max, &shares)
+            .await
+            .unwrap();
+        if jobs.is_empty() && due != Some(Duration::ZERO) {
+            return (got, calls);
+        }
+        for c in jobs {
+            let a = c.job.spec.aggr_key();
+            for (name, room) in shares.aggregations.iter_mut() {
+                if *name == a {
+                    *room = room.checked_sub(1).expect("a claim past the room");
+                }
+            }
+            for (name, room) in shares.tenants.iter_mut() {
+                if c.job.spec.tenant.as_deref() == Some(name.as_str()) {
+                    *room = room.checked_sub(1).expect("a claim past the tenant's room");
+                }
+            }
+            got.push(a);
+        }
+    }
+    panic!("shared claims did not come to an end in 100 calls (a busy loop)");
+}
 
 fn spec(aggr: &str, limit: u32, proxy: Option<&str>) -> JobSpec {
     JobSpec {
@@ -263,6 +310,7 @@ async fn job(s: &Arc<dyn Store>, id: &str) -> downloader::job::JobRecord {
 // ------------------------------------------------------------------ cases
 
 mod cases {
+    pub use super::share_cases::*;
     use super::*;
     use downloader::store::{HostLimits, HostPermit, WaitReason};
 
@@ -2066,5 +2114,72 @@ mod embedded_only {
         );
         drop(first);
         EmbeddedStore::open(&path).expect("free again once closed");
+    }
+}
+
+mod share_cases {
+    use super::*;
+
+    pub async fn claim_shares_skip_what_has_no_room(s: Arc<dyn Store>) {
+        for _ in 0..3 {
+            for spec in [
+                spec("a", 10, None),
+                spec("b", 10, None),
+                tenant_spec("t", "x", 10),
+                tenant_spec("t", "y", 10),
+                tenant_spec("u", "x", 10),
+            ] {
+                s.submit(&new_id(), &spec).await.unwrap();
+            }
+        }
+        let shares = ClaimShares {
+            aggregations: vec![("a".into(), 1), ("b".into(), 0)],
+            tenants: vec![("t".into(), 2)],
+        };
+        let (got, _) = claim_all_shared(&s, 32, &shares).await;
+        let n = |k: &str| got.iter().filter(|a| a.as_str() == k).count();
+        assert_eq!(n("a"), 1, "{got:?}");
+        assert_eq!(n("b"), 0, "{got:?}");
+        assert_eq!(n("@t/x") + n("@t/y"), 2, "{got:?}");
+        assert_eq!(n("@u/x"), 3, "{got:?}");
+        assert_eq!(got.len(), 6, "{got:?}");
+        // What was skipped is still pending, for a claimer with room.
+        let mut rest = Vec::new();
+        while let Claim::Job(c) = s.claim(Queue::Download, LONG).await.unwrap() {
+            rest.push(c.job.spec.aggr_key());
+        }
+        let r = |k: &str| rest.iter().filter(|a| a.starts_with(k)).count();
+        assert_eq!(
+            (r("a"), r("b"), r("@t/"), r("@u/")),
+            (2, 3, 4, 0),
+            "{rest:?}"
+        );
+    }
+
+    pub async fn claim_shares_find_others_past_a_full_tenants_many_aggregations(s: Arc<dyn Store>) {
+        // 600 ready aggregations of a full tenant, and one job of another: more than
+        // one scan window (Redis) or claim budget (embedded) holds.
+        let submits = (0..600).map(|i| {
+            let s = s.clone();
+            async move {
+                s.submit(&new_id(), &tenant_spec("big", &format!("a{i}"), 5))
+                    .await
+                    .unwrap()
+            }
+        });
+        futures_util::future::join_all(submits).await;
+        s.submit(&new_id(), &tenant_spec("small", "z", 5))
+            .await
+            .unwrap();
+        let shares = ClaimShares {
+            aggregations: Vec::new(),
+            tenants: vec![("big".into(), 0)],
+        };
+        let (got, calls) = claim_all_shared(&s, 4, &shares).await;
+        assert_eq!(got, ["@small/z"], "after {calls} claims");
+        assert!(calls <= 6, "{calls} claims to find the other tenant's job");
+        // Without shares the full tenant's jobs are claimable as before.
+        let (jobs, _) = s.claim_many(Queue::Download, LONG, 32).await.unwrap();
+        assert_eq!(jobs.len(), 32);
     }
 }

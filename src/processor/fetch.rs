@@ -43,13 +43,26 @@ pub enum Outcome {
     },
 }
 
+/// How long a download may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// The whole transfer, for a job without `download_timeout`.
+    pub default: Duration,
+    /// The most a job's `download_timeout` may give it (a larger one, stored before the
+    /// cap, is clamped).
+    pub max: Duration,
+    /// The longest the origin may send nothing: from the request until the response's
+    /// header, and between two pieces of the body.
+    pub idle: Duration,
+}
+
 pub struct Fetcher {
     guard: Arc<NetGuard>,
     proxies: ProxyPolicy,
     clients: Mutex<HashMap<Option<String>, reqwest::Client>>,
     headers: HeaderMap,
     max_bytes: u64,
-    default_timeout: Duration,
+    timeouts: Timeouts,
     root: PathBuf,
 }
 
@@ -58,7 +71,7 @@ impl Fetcher {
         proxies: ProxyPolicy,
         headers: &BTreeMap<String, String>,
         max_bytes: u64,
-        default_timeout: Duration,
+        timeouts: Timeouts,
         root: PathBuf,
     ) -> anyhow::Result<Fetcher> {
         crate::install_crypto_provider();
@@ -68,7 +81,7 @@ impl Fetcher {
             clients: Mutex::new(HashMap::new()),
             headers: header_map(headers)?,
             max_bytes,
-            default_timeout,
+            timeouts,
             root,
         })
     }
@@ -163,17 +176,17 @@ impl Fetcher {
             .spec
             .download_timeout
             .map(Duration::from_secs)
-            .unwrap_or(self.default_timeout);
+            .unwrap_or(self.timeouts.default)
+            .min(self.timeouts.max);
+        let idle = self.timeouts.idle;
 
-        let resp = match client
-            .get(url)
-            .headers(headers)
-            .timeout(timeout)
-            .send()
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
+        let request = client.get(url).headers(headers).timeout(timeout).send();
+        // An origin that accepts the connection (or the request) and never answers.
+        let resp = match tokio::time::timeout(idle.min(timeout), request).await {
+            Err(_) if idle < timeout => return stalled(idle, "before the response header"),
+            Err(_) => return timed_out(timeout),
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 if let Some((_, v)) = proxy
                     && let Some(r) = find::<AddressRefused>(&e)
                     && classify::normalize_name(&r.host) == v.host
@@ -210,7 +223,7 @@ impl Fetcher {
         let dest = self.final_path(&job.id);
         let tmp = TempFile::new(&dest);
         match self
-            .store_body(resp, &tmp.path, &dest, &mime, timeout)
+            .store_body(resp, &tmp.path, &dest, &mime, timeout, idle)
             .await
         {
             Ok((bytes, held)) => {
@@ -256,6 +269,7 @@ impl Fetcher {
         dest: &Path,
         mime: &MimePattern,
         timeout: Duration,
+        idle: Duration,
     ) -> Result<(u64, Option<Vec<bytes::Bytes>>), Outcome> {
         let expected = resp.content_length();
         let mut body = resp.bytes_stream();
@@ -265,7 +279,11 @@ impl Fetcher {
         let mut held: Vec<bytes::Bytes> = Vec::new();
         let mut file: Option<tokio::fs::File> = None;
         loop {
-            let chunk = match body.next().await {
+            // The transfer's own deadline (`timeout`) is the client's; this is the gap.
+            let Ok(next) = tokio::time::timeout(idle, body.next()).await else {
+                return Err(stalled(idle, &format!("after {total} bytes")));
+            };
+            let chunk = match next {
                 Some(Ok(c)) => c,
                 Some(Err(e)) => {
                     let mut o = classify(&e, 0, timeout);
@@ -497,6 +515,39 @@ fn find<'a, T: std::error::Error + 'static>(
     None
 }
 
+fn timed_out(timeout: Duration) -> Outcome {
+    Outcome::Retry {
+        error: format!("download timed out after {}s", timeout.as_secs()),
+        code: 0,
+        after: None,
+        host: None,
+    }
+}
+
+/// The origin sent nothing for `idle` (`processor.read_idle_timeout`): retried, as a
+/// timeout is.
+fn stalled(idle: Duration, when: &str) -> Outcome {
+    Outcome::Retry {
+        error: format!(
+            "download stalled: nothing received for {}s {when} (processor.read_idle_timeout)",
+            secs(idle)
+        ),
+        code: 0,
+        after: None,
+        host: None,
+    }
+}
+
+/// Seconds for messages: `30`, `0.5`.
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{}", s as u64)
+    } else {
+        format!("{s:.3}").trim_end_matches('0').to_string()
+    }
+}
+
 fn classify(e: &reqwest::Error, code: u16, timeout: Duration) -> Outcome {
     let fail = |error: String| Outcome::Fail { error, code };
     let retry = |error: String| Outcome::Retry {
@@ -512,7 +563,7 @@ fn classify(e: &reqwest::Error, code: u16, timeout: Duration) -> Outcome {
         return fail(format!("TLS error: {t}"));
     }
     if e.is_timeout() {
-        return retry(format!("download timed out after {}s", timeout.as_secs()));
+        return timed_out(timeout);
     }
     if e.is_redirect() {
         return fail(chain(e));

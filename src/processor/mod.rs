@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub mod fetch;
+pub mod share;
 
 use crate::config::Config;
 use crate::job::{JobRecord, ThumbnailInfo};
@@ -40,6 +41,8 @@ pub struct Processor {
     host_limits: HostLimits,
     max_host_pause: Duration,
     lease: Duration,
+    /// The fair shares of this processor's download slots.
+    shares: Arc<share::Shares>,
 }
 
 impl Processor {
@@ -56,9 +59,19 @@ impl Processor {
             proxies,
             &cfg.default_headers(),
             cfg.processor.max_download_bytes,
-            Duration::from_secs(cfg.processor.download_timeout),
+            fetch::Timeouts {
+                default: Duration::from_secs(cfg.processor.download_timeout),
+                max: cfg.max_download_timeout(),
+                idle: cfg.read_idle_timeout(),
+            },
             root,
         )?;
+        let slots = cfg.processor.max_concurrent_downloads;
+        let shares = Arc::new(share::Shares::new(
+            cfg.processor.max_slots_per_aggregation.of(slots),
+            cfg.processor.max_slots_per_tenant.of(slots),
+            slots,
+        ));
         Ok(Processor {
             store,
             fetcher,
@@ -70,6 +83,7 @@ impl Processor {
             host_limits: cfg.host_limits(),
             max_host_pause: Duration::from_secs_f64(cfg.processor.max_host_pause_secs),
             lease: Duration::from_secs(cfg.processor.lease_secs),
+            shares,
         })
     }
 
@@ -422,6 +436,14 @@ fn format_name(f: crate::thumbnail::Format) -> String {
 
 #[async_trait]
 impl Handler for Processor {
+    fn claim_shares(&self, max: usize) -> crate::store::ClaimShares {
+        self.shares.claim_shares(max)
+    }
+
+    fn claimed(&self, c: &Claimed) -> Box<dyn Send> {
+        Box::new(self.shares.hold(&c.job.spec))
+    }
+
     async fn handle(&self, c: Claimed, cancel: CancellationToken) {
         let span = tracing::info_span!(
             "download",

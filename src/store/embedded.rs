@@ -78,10 +78,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
 use super::{
-    AggrFilter, AggrSettings, AggrSummary, Claimed, DownloadResult, FAILED_SCAN_FACTOR,
-    FailedCallback, FailedCursor, FailedPage, HOST_PARK_FALLBACK, HostLimits, HostPermit,
-    MAX_AGGR_PAGE, PendingSummary, Queue, Result, RetryCallback, Store, StoreError, WaitReason,
-    gcra, millis,
+    AggrFilter, AggrSettings, AggrSummary, ClaimShares, Claimed, DownloadResult,
+    FAILED_SCAN_FACTOR, FailedCallback, FailedCursor, FailedPage, Full, HOST_PARK_FALLBACK,
+    HostLimits, HostPermit, MAX_AGGR_PAGE, PendingSummary, Queue, Result, RetryCallback, Store,
+    StoreError, WaitReason, gcra, millis,
 };
 use crate::job::{JobRecord, JobSpec, state};
 
@@ -969,6 +969,7 @@ fn claim_downloads(
     lease: u64,
     token: &str,
     max: usize,
+    shares: &ClaimShares,
 ) -> R<(Vec<Claimed>, Option<Duration>)> {
     let now = w.now;
     let mut waited = Vec::new();
@@ -1034,11 +1035,27 @@ fn claim_downloads(
     let max = max.max(1);
     let mut out = Vec::new();
     let mut tries = 0;
-    while out.len() < max && tries < max + READY_TRIES {
+    let mut rooms = shares.rooms();
+    // Each full aggregation and tenant may cost a try (a tenant's are passed in one).
+    let budget = max + READY_TRIES + shares.aggregations.len() + shares.tenants.len();
+    while out.len() < max && tries < budget {
         tries += 1;
         let Some(a) = w.next_ready(&w.cursor)? else {
             break;
         };
+        match rooms.full(&a) {
+            // Left pending for another claimer.
+            Some(Full::Aggregation) => {
+                w.cursor.clone_from(&a);
+                continue;
+            }
+            // Past all of the tenant's aggregations (`@t/...` sort before `@t0`).
+            Some(Full::Tenant(t)) => {
+                w.cursor = format!("{}{t}0", crate::job::TENANT_MARK);
+                continue;
+            }
+            None => {}
+        }
         w.cursor.clone_from(&a);
         let mut ag = w.aggr(&a)?;
         if ag.inflight < ag.limit && ag.pending > 0 && ag.rate > 0.0 {
@@ -1090,6 +1107,7 @@ fn claim_downloads(
             incr(&mut f, "dl_attempts", 1);
             w.put_job(&id, &f)?;
             out.push(claimed(&id, &f, token, ag.proxy)?);
+            rooms.took(&a);
             continue;
         }
         w.refresh(&a)?;
@@ -1409,18 +1427,20 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn claim_many(
+    async fn claim_shared(
         &self,
         queue: Queue,
         lease: Duration,
         max: usize,
+        shares: &ClaimShares,
     ) -> Result<(Vec<Claimed>, Option<Duration>)> {
         // One token for the batch, as in Redis: each lease is still checked per job.
         let token = self.token();
         let lease = millis(lease);
         match queue {
             Queue::Download => {
-                self.write(move |w| claim_downloads(w, lease, &token, max))
+                let shares = shares.clone();
+                self.write(move |w| claim_downloads(w, lease, &token, max, &shares))
                     .await
             }
             Queue::Callback => {

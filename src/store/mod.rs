@@ -125,6 +125,73 @@ impl WaitReason {
     }
 }
 
+/// What one claim may take at most, for the processor's fair shares of its download
+/// slots: at most `room` more jobs of each listed aggregation (store key), and of each
+/// listed tenant's aggregations together. Aggregations and tenants not listed are not
+/// limited by it (their `aggr_limit` still holds). A claim skips what has no room
+/// left, leaving it where it is, pending for another claimer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimShares {
+    pub aggregations: Vec<(String, u32)>,
+    pub tenants: Vec<(String, u32)>,
+}
+
+impl ClaimShares {
+    pub fn is_empty(&self) -> bool {
+        self.aggregations.is_empty() && self.tenants.is_empty()
+    }
+
+    /// The room left, to count down during one claim.
+    pub fn rooms(&self) -> Rooms<'_> {
+        Rooms {
+            aggregations: self
+                .aggregations
+                .iter()
+                .map(|(a, n)| (a.as_str(), *n))
+                .collect(),
+            tenants: self.tenants.iter().map(|(t, n)| (t.as_str(), *n)).collect(),
+        }
+    }
+}
+
+/// Why a claim skips an aggregation ([`Rooms::full`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full<'a> {
+    Aggregation,
+    /// The tenant (all its aggregations are full).
+    Tenant(&'a str),
+}
+
+/// [`ClaimShares`] being counted down by one claim.
+#[derive(Debug, Clone)]
+pub struct Rooms<'a> {
+    aggregations: std::collections::HashMap<&'a str, u32>,
+    tenants: std::collections::HashMap<&'a str, u32>,
+}
+
+impl<'a> Rooms<'a> {
+    /// Whether a claim may take no more jobs of aggregation `a`, and why.
+    pub fn full<'b>(&self, a: &'b str) -> Option<Full<'b>> {
+        if self.aggregations.get(a) == Some(&0) {
+            return Some(Full::Aggregation);
+        }
+        let t = JobSpec::tenant_of(a)?;
+        (self.tenants.get(t) == Some(&0)).then_some(Full::Tenant(t))
+    }
+
+    /// Counts a job of `a` taken.
+    pub fn took(&mut self, a: &str) {
+        if let Some(n) = self.aggregations.get_mut(a) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(t) = JobSpec::tenant_of(a)
+            && let Some(n) = self.tenants.get_mut(t)
+        {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
 /// An aggregation with pending downloads (the dashboard's list).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AggrSummary {
@@ -284,6 +351,20 @@ pub trait Store: Send + Sync + 'static {
         queue: Queue,
         lease: Duration,
         max: usize,
+    ) -> Result<(Vec<Claimed>, Option<Duration>)> {
+        self.claim_shared(queue, lease, max, &ClaimShares::default())
+            .await
+    }
+
+    /// `claim_many` within `shares` (downloads; callbacks ignore it). When aggregations
+    /// were skipped for their share and more of them are left to look at, `next_due`
+    /// is zero: claim again at once.
+    async fn claim_shared(
+        &self,
+        queue: Queue,
+        lease: Duration,
+        max: usize,
+        shares: &ClaimShares,
     ) -> Result<(Vec<Claimed>, Option<Duration>)>;
 
     /// Claims one job (see `claim_many`).

@@ -15,10 +15,10 @@ use redis::{AsyncCommands, Script, Value};
 use tokio::sync::Mutex;
 
 use super::{
-    AggrFilter, AggrSettings, AggrSummary, Claimed, DownloadResult, FAILED_SCAN_FACTOR,
-    FailedCallback, FailedCursor, FailedPage, HOST_PARK_FALLBACK, HostLimits, HostPermit,
-    MAX_AGGR_PAGE, PendingSummary, Queue, Result, RetryCallback, Store, StoreError, WaitReason,
-    millis,
+    AggrFilter, AggrSettings, AggrSummary, ClaimShares, Claimed, DownloadResult,
+    FAILED_SCAN_FACTOR, FailedCallback, FailedCursor, FailedPage, HOST_PARK_FALLBACK, HostLimits,
+    HostPermit, MAX_AGGR_PAGE, PendingSummary, Queue, Result, RetryCallback, Store, StoreError,
+    WaitReason, millis,
 };
 use crate::config::RedisConfig;
 use crate::job::{JobRecord, JobSpec};
@@ -228,11 +228,8 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P..'dl:leases', '-inf', now, 'LI
 end
 local any_pause = redis.call('EXISTS', P..'hostpauses') == 1
 local out = {}
-local tries = 0
-while #out < max and tries < max + 16 do
-  tries = tries + 1
-  local a = redis.call('SRANDMEMBER', P..'ready')
-  if not a then break end
+-- Takes one job of aggregation `a` if it may give one now; true when it did.
+local function claim_one(a)
   local ak = P..'aggr:'..a
   local limit = tonumber(redis.call('HGET', ak, 'limit') or '1')
   local inflight = tonumber(redis.call('HGET', ak, 'inflight') or '0')
@@ -271,17 +268,93 @@ while #out < max and tries < max + 16 do
     out[#out + 1] = {id, redis.call('HGETALL', k), redis.call('HGET', ak, 'proxy') or ''}
   end
   refresh(a)
+  return id and true or false
 end
-if #out > 0 then return {'jobs', out} end
-local due = -1
-for _, z in ipairs({'dl:delayed', 'ratewait'}) do
-  local nxt = redis.call('ZRANGE', P..z, 0, 0, 'WITHSCORES')
-  if nxt[2] then
-    local ms = math.max(0, tonumber(nxt[2]) - now)
-    if due < 0 or ms < due then due = ms end
+-- Ready aggregations one shared claim looks at, at most (see below).
+local SCAN_WINDOW = 256
+-- The claimer's shares (ClaimShares): ARGV[6] aggregations, then (name, room) pairs,
+-- then the number of tenants and their pairs; ARGV[7 + ...] its SSCAN cursor.
+local room_a, room_t = {}, {}
+local i = 6
+local n_a = tonumber(ARGV[i] or '0') or 0
+i = i + 1
+for _ = 1, n_a do room_a[ARGV[i]] = tonumber(ARGV[i + 1]); i = i + 2 end
+local n_t = tonumber(ARGV[i] or '0') or 0
+i = i + 1
+for _ = 1, n_t do room_t[ARGV[i]] = tonumber(ARGV[i + 1]); i = i + 2 end
+local cursor = ARGV[i] or '0'
+local function tenant(a)
+  if n_t == 0 or string.byte(a, 1) ~= 64 then return nil end
+  local s = string.find(a, '/', 2, true)
+  if not s then return nil end
+  return string.sub(a, 2, s - 1)
+end
+local function full(a)
+  local r = room_a[a]
+  if r and r <= 0 then return true end
+  local t = tenant(a)
+  if t then
+    r = room_t[t]
+    if r and r <= 0 then return true end
   end
+  return false
 end
-return {'empty', n2s(due)}
+local function took(a)
+  if room_a[a] then room_a[a] = room_a[a] - 1 end
+  local t = tenant(a)
+  if t and room_t[t] then room_t[t] = room_t[t] - 1 end
+end
+local function next_due()
+  local due = -1
+  for _, z in ipairs({'dl:delayed', 'ratewait'}) do
+    local nxt = redis.call('ZRANGE', P..z, 0, 0, 'WITHSCORES')
+    if nxt[2] then
+      local ms = math.max(0, tonumber(nxt[2]) - now)
+      if due < 0 or ms < due then due = ms end
+    end
+  end
+  return due
+end
+if n_a + n_t == 0 then
+  -- Random ready aggregations, one job each time (an aggregation may come up again).
+  local tries = 0
+  while #out < max and tries < max + 16 do
+    tries = tries + 1
+    local a = redis.call('SRANDMEMBER', P..'ready')
+    if not a then break end
+    claim_one(a)
+  end
+  if #out > 0 then return {'jobs', out} end
+  return {'empty', n2s(next_due())}
+end
+-- With shares: random picks would keep finding the full ones (a tenant's thousands
+-- of aggregations), so the ready set is scanned on from where this claimer's last
+-- scan stopped, a window at a time, skipping what is full; then the window's
+-- aggregations give one job each in turn.
+local cands, seen = {}, 0
+repeat
+  local r = redis.call('SSCAN', P..'ready', cursor, 'COUNT', 64)
+  cursor = r[1]
+  for _, a in ipairs(r[2]) do
+    seen = seen + 1
+    if not full(a) then cands[#cands + 1] = a end
+  end
+until cursor == '0' or seen >= SCAN_WINDOW or #cands >= max
+while #out < max and #cands > 0 do
+  local live = {}
+  for _, a in ipairs(cands) do
+    if #out >= max then break end
+    if not full(a) and claim_one(a) then
+      took(a)
+      live[#live + 1] = a
+    end
+  end
+  cands = live
+end
+if #out > 0 then return {'jobs', out, cursor} end
+-- Skipped some and more of the set is left: the claimer looks again at once.
+if cursor ~= '0' then return {'empty', '0', cursor} end
+return {'empty', n2s(next_due()), cursor}
 "#,
     )
 });
@@ -612,6 +685,8 @@ pub struct RedisStore {
     client: redis::Client,
     timeout: Duration,
     worker: String,
+    /// Where this claimer's last shared claim stopped scanning `ready` (SSCAN cursor).
+    scan: std::sync::atomic::AtomicU64,
 }
 
 fn backend(e: redis::RedisError) -> StoreError {
@@ -642,6 +717,7 @@ impl RedisStore {
             client,
             timeout,
             worker: crate::job::new_id(),
+            scan: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -720,16 +796,27 @@ fn text(v: &Value) -> Result<String> {
     redis::from_redis_value_ref(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// What a claim script answered: the jobs, when to come back, and (shared claims) the
+/// SSCAN cursor to go on from.
+type ClaimReply = (Vec<Claimed>, Option<Duration>, Option<u64>);
+
 /// Parses a claim script's reply: `{'jobs', {{id, fields, proxy}, ...}}` or
-/// `{'empty', ms until the next delayed entry or -1}`.
-fn parse_claims(v: Value, token: &str) -> Result<(Vec<Claimed>, Option<Duration>)> {
+/// `{'empty', ms until the next delayed entry or -1}`, each with the scan cursor as a
+/// third element after a shared claim.
+fn parse_claims(v: Value, token: &str) -> Result<ClaimReply> {
     let bad = || StoreError::Corrupt("unexpected claim reply".into());
     let Value::Array(mut parts) = v else {
         return Err(bad());
     };
-    if parts.len() != 2 {
-        return Err(bad());
-    }
+    let cursor = match parts.len() {
+        2 => None,
+        3 => Some(
+            text(&parts.pop().ok_or_else(bad)?)?
+                .parse()
+                .map_err(|_| bad())?,
+        ),
+        _ => return Err(bad()),
+    };
     let body = parts.pop().ok_or_else(bad)?;
     match text(&parts[0])?.as_str() {
         "empty" => {
@@ -737,6 +824,7 @@ fn parse_claims(v: Value, token: &str) -> Result<(Vec<Claimed>, Option<Duration>
             Ok((
                 Vec::new(),
                 (ms >= 0).then(|| Duration::from_millis(ms as u64)),
+                cursor,
             ))
         }
         "jobs" => {
@@ -761,7 +849,7 @@ fn parse_claims(v: Value, token: &str) -> Result<(Vec<Claimed>, Option<Duration>
                     proxy: (!proxy.is_empty()).then_some(proxy),
                 });
             }
-            Ok((out, None))
+            Ok((out, None, cursor))
         }
         _ => Err(bad()),
     }
@@ -798,28 +886,36 @@ impl Store for RedisStore {
         }
     }
 
-    async fn claim_many(
+    async fn claim_shared(
         &self,
         queue: Queue,
         lease: Duration,
         max: usize,
+        shares: &ClaimShares,
     ) -> Result<(Vec<Claimed>, Option<Duration>)> {
+        use std::sync::atomic::Ordering;
         // One token for the batch: each lease is still checked per job.
         let token = self.token();
         let reply: Value = match queue {
             Queue::Download => {
                 // A job without a callback whose worker was lost for good is deleted
                 // after a day; every job has a callback today.
-                self.run(
-                    CLAIM_DOWNLOAD
-                        .key(&self.prefix)
-                        .arg(millis(lease))
-                        .arg(&token)
-                        .arg(MAX_LOST_LEASES)
-                        .arg(86_400_000u64)
-                        .arg(max.max(1)),
-                )
-                .await?
+                let mut inv = CLAIM_DOWNLOAD.key(&self.prefix);
+                inv.arg(millis(lease))
+                    .arg(&token)
+                    .arg(MAX_LOST_LEASES)
+                    .arg(86_400_000u64)
+                    .arg(max.max(1));
+                if !shares.is_empty() {
+                    for list in [&shares.aggregations, &shares.tenants] {
+                        inv.arg(list.len());
+                        for (name, room) in list {
+                            inv.arg(name).arg(*room);
+                        }
+                    }
+                    inv.arg(self.scan.load(Ordering::Relaxed).to_string());
+                }
+                self.run(&mut inv).await?
             }
             Queue::Callback => {
                 self.run(
@@ -833,7 +929,11 @@ impl Store for RedisStore {
                 .await?
             }
         };
-        parse_claims(reply, &token)
+        let (jobs, due, cursor) = parse_claims(reply, &token)?;
+        if let Some(c) = cursor {
+            self.scan.store(c, Ordering::Relaxed);
+        }
+        Ok((jobs, due))
     }
 
     async fn wait(&self, queue: Queue, timeout: Duration) -> Result<()> {
