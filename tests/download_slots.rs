@@ -107,7 +107,8 @@ impl Setup {
                     "processor": {"storage_dir": d.join("data/files"),
                                   "download_url": "http://files.test/dl",
                                   "allowed_networks": ["127.0.0.0/8"], "lease_secs": 4},
-                    "notifier": {"deletion_interval": 60, "lease_secs": 4},
+                    "notifier": {"deletion_interval": 60, "lease_secs": 4,
+                                 "allowed_networks": ["127.0.0.0/8"]},
                     "backends": {"http": {"timeout": 5}}
                 });
                 for (section, over) in extra.as_object().unwrap() {
