@@ -109,7 +109,8 @@ class Setup:
             "processor": {"storage_dir": self.files, "stats_interval": 1000,
                           "download_url": f"http://127.0.0.1:{self.port}/files",
                           "allowed_networks": ["127.0.0.0/8"]},
-            "notifier": dict({"stats_interval": 1000, "deletion_interval": 1}, **(notifier or {})),
+            "notifier": dict({"stats_interval": 1000, "deletion_interval": 1,
+                              "allowed_networks": ["127.0.0.0/8"]}, **(notifier or {})),
             "backends": {"http": {"timeout": 10}},
         }
         if kind == "serve":

@@ -127,7 +127,8 @@ class Proc:
         cfg = {
             "processor": {"storage_dir": files, "download_url": f"http://127.0.0.1:{self.port}/files",
                           "allowed_networks": ["127.0.0.0/8"], "stats_interval": 1000},
-            "notifier": {"concurrency": 16, "stats_interval": 1000, "deletion_interval": 600},
+            "notifier": {"concurrency": 16, "stats_interval": 1000, "deletion_interval": 600,
+                         "allowed_networks": ["127.0.0.0/8"]},
             "backends": {"http": {"timeout": 60}},
             "api": {"max_body_bytes": 8 << 20},
         }
