@@ -16,7 +16,7 @@ use super::delivery::DeliveryError;
 use super::signing::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Signer};
 use crate::config::Config;
 use crate::job::{CallbackPayload, JobRecord};
-use crate::net::{GuardedResolver, NetGuard, find_refused};
+use crate::net::{GuardedResolver, NetGuard, error_chain, find_refused};
 
 /// Longest a callback's connection (DNS included) may take, within `backends.http.timeout`.
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -142,24 +142,9 @@ fn classify(e: &reqwest::Error) -> DeliveryError {
         return DeliveryError::Retry("callback timed out".into());
     }
     if e.is_builder() {
-        return DeliveryError::Permanent(format!("callback failed: {}", chain(e)));
+        return DeliveryError::Permanent(format!("callback failed: {}", error_chain(e)));
     }
-    DeliveryError::Retry(format!("callback failed: {}", chain(e)))
-}
-
-/// The error and its causes, joined, for messages.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let cs = c.to_string();
-        if !s.contains(&cs) {
-            s.push_str(": ");
-            s.push_str(&cs);
-        }
-        cur = c.source();
-    }
-    s
+    DeliveryError::Retry(format!("callback failed: {}", error_chain(e)))
 }
 
 #[cfg(test)]
@@ -189,7 +174,7 @@ mod tests {
                 .send()
                 .await
                 .unwrap_err();
-            let refused = find_refused(&e).unwrap_or_else(|| panic!("{host}: {}", chain(&e)));
+            let refused = find_refused(&e).unwrap_or_else(|| panic!("{host}: {}", error_chain(&e)));
             assert_eq!(refused.key, "notifier.allowed_networks");
             assert!(matches!(classify(&e), DeliveryError::Permanent(_)));
         }

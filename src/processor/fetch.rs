@@ -12,7 +12,10 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use tokio::io::AsyncWriteExt;
 
 use crate::job::{JobRecord, MimePattern, relative_path, sniff_mime};
-use crate::net::{AddressRefused, GuardedResolver, NetGuard, ProxyPolicy, ProxyVerdict, classify};
+use crate::net::{
+    AddressRefused, GuardedResolver, NetGuard, ProxyPolicy, ProxyVerdict, classify, error_chain,
+    find_in_chain,
+};
 
 /// Bytes sniffed for the MIME type before the check runs.
 const SNIFF_BYTES: usize = 1024;
@@ -188,7 +191,7 @@ impl Fetcher {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 if let Some((_, v)) = proxy
-                    && let Some(r) = find::<AddressRefused>(&e)
+                    && let Some(r) = find_in_chain::<AddressRefused>(&e)
                     && classify::normalize_name(&r.host) == v.host
                 {
                     // The proxy's own name resolved to no permitted address.
@@ -292,7 +295,9 @@ impl Fetcher {
                     {
                         *error = match expected {
                             Some(n) => format!("unexpected EOF: got {total} of {n} bytes"),
-                            None => format!("unexpected EOF after {total} bytes: {}", chain(&e)),
+                            None => {
+                                format!("unexpected EOF after {total} bytes: {}", error_chain(&e))
+                            }
                         };
                     }
                     return Err(o);
@@ -475,46 +480,8 @@ fn retry_after(h: &HeaderMap) -> Option<Duration> {
     Some(d.min(Duration::from_secs(3600)))
 }
 
-/// The error and its causes, joined, for messages.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let cs = c.to_string();
-        if !s.contains(&cs) {
-            s.push_str(": ");
-            s.push_str(&cs);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 /// The first error of type `T` in `e`'s chain, looking inside boxed errors and
 /// `io::Error`s (hyper and tokio-rustls wrap the interesting ones in both).
-fn find<'a, T: std::error::Error + 'static>(
-    e: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a T> {
-    fn inside<'a, T: std::error::Error + 'static>(
-        c: &'a (dyn std::error::Error + 'static),
-    ) -> Option<&'a T> {
-        if let Some(t) = c.downcast_ref::<T>() {
-            return Some(t);
-        }
-        let inner: &(dyn std::error::Error + 'static) =
-            c.downcast_ref::<std::io::Error>()?.get_ref()?;
-        inside(inner)
-    }
-    let mut cur = Some(e);
-    while let Some(c) = cur {
-        if let Some(t) = inside(c) {
-            return Some(t);
-        }
-        cur = c.source();
-    }
-    None
-}
-
 fn timed_out(timeout: Duration) -> Outcome {
     Outcome::Retry {
         error: format!("download timed out after {}s", timeout.as_secs()),
@@ -556,20 +523,20 @@ fn classify(e: &reqwest::Error, code: u16, timeout: Duration) -> Outcome {
         after: None,
         host: None,
     };
-    if let Some(r) = find::<AddressRefused>(e) {
+    if let Some(r) = find_in_chain::<AddressRefused>(e) {
         return fail(r.to_string());
     }
-    if let Some(t) = find::<rustls::Error>(e) {
+    if let Some(t) = find_in_chain::<rustls::Error>(e) {
         return fail(format!("TLS error: {t}"));
     }
     if e.is_timeout() {
         return timed_out(timeout);
     }
     if e.is_redirect() {
-        return fail(chain(e));
+        return fail(error_chain(e));
     }
     if e.is_builder() || e.is_request() && e.source().is_none() {
-        return fail(chain(e));
+        return fail(error_chain(e));
     }
-    retry(chain(e))
+    retry(error_chain(e))
 }
