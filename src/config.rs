@@ -287,6 +287,9 @@ pub struct NotifierConfig {
     pub retry_backoff_ms: u64,
     /// Retries of a failed callback before it is marked failed.
     pub callback_retries: u32,
+    /// Callbacks in flight at once to one receiver (`host:port`) in this process;
+    /// default: 40% of `concurrency`, rounded up ([`Config::callback_per_host`]).
+    pub per_host_concurrency: Option<usize>,
     pub lease_secs: u64,
     pub shutdown_grace_secs: u64,
     /// `host:port` of the admin listener (`/metrics`, `/info`, `/healthz`); off when unset.
@@ -305,6 +308,7 @@ impl Default for NotifierConfig {
             deletion_interval: 180.0,
             retry_backoff_ms: 600_000,
             callback_retries: 2,
+            per_host_concurrency: None,
             lease_secs: 15,
             shutdown_grace_secs: 30,
             admin_addr: None,
@@ -450,6 +454,14 @@ impl Config {
         }
         if self.notifier.concurrency == 0 {
             return Err("key `notifier.concurrency`: must be greater than 0".into());
+        }
+        if let Some(n) = self.notifier.per_host_concurrency
+            && !(1..=self.notifier.concurrency).contains(&n)
+        {
+            return Err(format!(
+                "key `notifier.per_host_concurrency`: must be from 1 to `notifier.concurrency` ({})",
+                self.notifier.concurrency
+            ));
         }
         if self.api.max_inflight_body_bytes == 0 {
             return Err("key `api.max_inflight_body_bytes`: must be greater than 0".into());
@@ -721,6 +733,17 @@ impl Config {
     pub fn notifier_backoff(&self) -> Duration {
         backoff(self.notifier.retry_backoff_ms)
     }
+
+    /// Callbacks in flight at once to one receiver in one notifier:
+    /// `notifier.per_host_concurrency`, by default 40% of `notifier.concurrency`
+    /// rounded up (4 of 10): one receiver that hangs cannot hold every slot.
+    pub fn callback_per_host(&self) -> usize {
+        let c = self.notifier.concurrency.max(1);
+        self.notifier
+            .per_host_concurrency
+            .unwrap_or_else(|| c.saturating_mul(2).div_ceil(5))
+            .clamp(1, c)
+    }
 }
 
 fn backoff(ms: u64) -> Duration {
@@ -752,6 +775,29 @@ mod tests {
         assert_eq!(cfg.download_url().unwrap(), "http://localhost/foo");
         assert_eq!(cfg.backends.http.timeout, 30);
         assert_eq!(cfg.processor.lease_secs, 15);
+    }
+
+    #[test]
+    fn per_host_concurrency_defaults_below_concurrency_and_is_checked() {
+        let per_host = |s: &str| parse(s).unwrap().callback_per_host();
+        assert_eq!(per_host("{}"), 4, "4 of the default 10");
+        assert_eq!(per_host(r#"{"notifier":{"concurrency":1}}"#), 1);
+        assert_eq!(per_host(r#"{"notifier":{"concurrency":3}}"#), 2);
+        assert_eq!(per_host(r#"{"notifier":{"concurrency":100}}"#), 40);
+        assert_eq!(
+            per_host(r#"{"notifier":{"concurrency":10,"per_host_concurrency":10}}"#),
+            10
+        );
+        assert_eq!(per_host(r#"{"notifier":{"per_host_concurrency":1}}"#), 1);
+        for bad in [
+            r#"{"notifier":{"per_host_concurrency":0}}"#,
+            r#"{"notifier":{"per_host_concurrency":11}}"#,
+            r#"{"notifier":{"concurrency":2,"per_host_concurrency":3}}"#,
+            r#"{"notifier":{"per_host_concurrency":"four"}}"#,
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("notifier.per_host_concurrency"), "{bad}: {e}");
+        }
     }
 
     #[test]
