@@ -1,7 +1,7 @@
 //! Fair delivery: a callback receiver that never answers holds at most
 //! `notifier.per_host_concurrency` of the notifier's slots, and the others' callbacks
-//! keep arriving; on Redis (three processes) and under `serve` (embedded store); and
-//! the validation of `notifier.per_host_concurrency`.
+//! keep arriving; on Redis (three processes) and under `serve` (embedded store). Also
+//! the reference's callback attempts (2 in all) and the notifier keys' validation.
 
 mod common;
 
@@ -272,6 +272,38 @@ async fn a_slow_receiver_is_kept_at_its_share_and_drains() {
     }
 }
 
+// ------------------------------------------------------------------ attempts
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receiver_that_always_fails_gets_two_attempts_by_default() {
+    let svc = Service::start(json!({})).await;
+    let origin = start_origin().await;
+    let rx = start_receiver().await;
+    origin.add_file("f", b"x".to_vec());
+    let cb = rx.url(u32::MAX);
+    let id = svc.submit(job(&origin, "/file/f", &cb, "fails", 1)).await;
+    eventually(30, "the callback to fail for good", async || {
+        (svc.job(&id).await["callback_state"] == "Failed").then_some(())
+    })
+    .await;
+    // Failed is final: no attempt can follow.
+    assert_eq!(rx.hits(&cb), 2, "the reference's maxCallbackRetries = 2");
+    let (st, page) = svc.get("/callbacks/failed").await;
+    assert_eq!(st, 200, "{page}");
+    let listed = page["callbacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["job_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{id} not listed: {page}"))
+        .clone();
+    assert_eq!(listed["attempts"], 2, "{listed}");
+    assert!(
+        listed["error"].as_str().unwrap().contains("500"),
+        "{listed}"
+    );
+}
+
 // ------------------------------------------------------------------ validation
 
 #[test]
@@ -289,6 +321,14 @@ fn notifier_keys_are_validated() {
         (
             json!({"per_host_concurrency": "4"}),
             &["notifier.per_host_concurrency"],
+        ),
+        (
+            json!({"callback_attempts": 0}),
+            &["notifier.callback_attempts"],
+        ),
+        (
+            json!({"callback_attempts": 2, "callback_retries": 1}),
+            &["notifier.callback_attempts", "notifier.callback_retries"],
         ),
     ] {
         let cfg = base_config(dir.path(), "unused", json!({ "notifier": notifier }));

@@ -22,7 +22,8 @@ pub struct Notifier {
     download_url: String,
     stats: Arc<Stats>,
     backoff: Duration,
-    retries: u32,
+    /// Attempts of a callback in all (`notifier.callback_attempts`).
+    attempts: u32,
     /// Callbacks in flight per receiver (`notifier.per_host_concurrency`).
     dests: Arc<fair::Destinations>,
     keep: Duration,
@@ -48,7 +49,7 @@ impl Notifier {
             download_url: cfg.download_url().map_err(anyhow::Error::msg)?,
             stats: Arc::new(Stats::default()),
             backoff: cfg.notifier_backoff(),
-            retries: cfg.notifier.callback_retries,
+            attempts: cfg.callback_attempts(),
             dests: fair::Destinations::new(cfg.callback_per_host()),
             keep: cfg.deletion_delay(),
             failed_retention: cfg.failed_retention(),
@@ -255,10 +256,10 @@ impl Handler for Notifier {
                     })
                     .await;
                 }
-                Err(error) if c.job.callback_attempts > self.retries => {
+                Err(error) if c.job.callback_attempts >= self.attempts => {
                     self.stats.add("failedCallbacks", 1);
                     m.callbacks_failed.inc();
-                    tracing::warn!(error, "callback failed; no retries left");
+                    tracing::warn!(error, "callback failed; no attempts left");
                     persist("fail callback", || {
                         self.store.fail_callback(id, token, &error)
                     })
