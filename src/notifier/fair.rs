@@ -7,8 +7,9 @@
 //! ([`Store::defer_callback`]). When one of the receiver's callbacks here ends, the
 //! oldest parked one is put at the head of the queue ([`Store::wake_callbacks`]); a
 //! parked callback also comes back by itself after a fallback that doubles with each
-//! deferral ([`park_delay`]), so callbacks parked for a receiver that never answers
-//! cost a few store operations a minute, not a poll.
+//! deferral ([`park_delay`]), so a callback parked on a receiver that never answers
+//! costs a claim and a deferral a minute at most once it has waited a minute, not a
+//! poll.
 //!
 //! [`Store::defer_callback`]: crate::store::Store::defer_callback
 //! [`Store::wake_callbacks`]: crate::store::Store::wake_callbacks
