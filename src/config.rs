@@ -343,8 +343,15 @@ pub struct NotifierConfig {
     /// Fractions are accepted (tests use them).
     pub deletion_interval: f64,
     pub retry_backoff_ms: u64,
-    /// Retries of a failed callback before it is marked failed.
-    pub callback_retries: u32,
+    /// Attempts of a callback in all (the first one included) before it is marked
+    /// failed. Default [`DEFAULT_CALLBACK_ATTEMPTS`], the reference's.
+    pub callback_attempts: Option<u32>,
+    /// The older name, counted differently: retries after the first attempt
+    /// (attempts = retries + 1). At most one of the two may be set.
+    pub callback_retries: Option<u32>,
+    /// Callbacks in flight at once to one receiver (`host:port`) in this process;
+    /// default: 40% of `concurrency`, rounded up ([`Config::callback_per_host`]).
+    pub per_host_concurrency: Option<usize>,
     pub lease_secs: u64,
     pub shutdown_grace_secs: u64,
     /// `host:port` of the admin listener (`/metrics`, `/info`, `/healthz`); off when unset.
@@ -411,7 +418,9 @@ impl Default for NotifierConfig {
             stats_interval: 5000,
             deletion_interval: 180.0,
             retry_backoff_ms: 600_000,
-            callback_retries: 2,
+            callback_attempts: None,
+            callback_retries: None,
+            per_host_concurrency: None,
             lease_secs: 15,
             shutdown_grace_secs: 30,
             admin_addr: None,
@@ -560,6 +569,39 @@ impl Config {
         }
         if self.notifier.concurrency == 0 {
             return Err("key `notifier.concurrency`: must be greater than 0".into());
+        }
+        if let Some(n) = self.notifier.per_host_concurrency
+            && !(1..=self.notifier.concurrency).contains(&n)
+        {
+            return Err(format!(
+                "key `notifier.per_host_concurrency`: must be from 1 to `notifier.concurrency` ({})",
+                self.notifier.concurrency
+            ));
+        }
+        match (
+            self.notifier.callback_attempts,
+            self.notifier.callback_retries,
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "keys `notifier.callback_attempts` and `notifier.callback_retries`: set only one \
+                     (`callback_retries` is the older name, counting retries after the first \
+                     attempt: attempts = retries + 1)"
+                        .into(),
+                );
+            }
+            (Some(n), None) if !(1..=MAX_CALLBACK_ATTEMPTS).contains(&n) => {
+                return Err(format!(
+                    "key `notifier.callback_attempts`: must be from 1 to {MAX_CALLBACK_ATTEMPTS}"
+                ));
+            }
+            (None, Some(n)) if n >= MAX_CALLBACK_ATTEMPTS => {
+                return Err(format!(
+                    "key `notifier.callback_retries`: must be from 0 to {}",
+                    MAX_CALLBACK_ATTEMPTS - 1
+                ));
+            }
+            _ => {}
         }
         if self.api.max_inflight_body_bytes == 0 {
             return Err("key `api.max_inflight_body_bytes`: must be greater than 0".into());
@@ -867,6 +909,30 @@ impl Config {
     pub fn notifier_backoff(&self) -> Duration {
         backoff(self.notifier.retry_backoff_ms)
     }
+
+    /// Attempts of one callback in all: `notifier.callback_attempts`, or
+    /// `notifier.callback_retries` + 1, or the reference's 2.
+    pub fn callback_attempts(&self) -> u32 {
+        match (
+            self.notifier.callback_attempts,
+            self.notifier.callback_retries,
+        ) {
+            (Some(n), _) => n,
+            (None, Some(r)) => r.saturating_add(1),
+            (None, None) => DEFAULT_CALLBACK_ATTEMPTS,
+        }
+    }
+
+    /// Callbacks in flight at once to one receiver in one notifier:
+    /// `notifier.per_host_concurrency`, by default 40% of `notifier.concurrency`
+    /// rounded up (4 of 10): one receiver that hangs cannot hold every slot.
+    pub fn callback_per_host(&self) -> usize {
+        let c = self.notifier.concurrency.max(1);
+        self.notifier
+            .per_host_concurrency
+            .unwrap_or_else(|| c.saturating_mul(2).div_ceil(5))
+            .clamp(1, c)
+    }
 }
 
 /// CIDRs (or single addresses) of the config list `key`; a bad one is named with its index.
@@ -880,6 +946,11 @@ fn parse_networks(key: &str, list: &[String]) -> Result<Vec<IpNet>, String> {
         })
         .collect()
 }
+
+/// The reference's `maxCallbackRetries` (which counts attempts).
+pub const DEFAULT_CALLBACK_ATTEMPTS: u32 = 2;
+/// Most attempts `notifier.callback_attempts` may ask for.
+pub const MAX_CALLBACK_ATTEMPTS: u32 = 100;
 
 fn backoff(ms: u64) -> Duration {
     if std::env::var_os(TEST_TIME_ENV).is_some() {
@@ -910,6 +981,60 @@ mod tests {
         assert_eq!(cfg.download_url().unwrap(), "http://localhost/foo");
         assert_eq!(cfg.backends.http.timeout, 30);
         assert_eq!(cfg.processor.lease_secs, 15);
+    }
+
+    #[test]
+    fn callback_attempts_and_the_older_retries_key() {
+        // The reference's maxCallbackRetries = 2 counts attempts.
+        assert_eq!(parse("{}").unwrap().callback_attempts(), 2);
+        let attempts = |s: &str| parse(s).unwrap().callback_attempts();
+        assert_eq!(attempts(r#"{"notifier":{"callback_attempts":5}}"#), 5);
+        // callback_retries counts retries after the first attempt.
+        assert_eq!(attempts(r#"{"notifier":{"callback_retries":0}}"#), 1);
+        assert_eq!(attempts(r#"{"notifier":{"callback_retries":2}}"#), 3);
+        let e = parse(r#"{"notifier":{"callback_attempts":2,"callback_retries":1}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("notifier.callback_attempts") && e.contains("notifier.callback_retries"),
+            "{e}"
+        );
+        for bad in [
+            r#"{"notifier":{"callback_attempts":0}}"#,
+            r#"{"notifier":{"callback_attempts":101}}"#,
+            r#"{"notifier":{"callback_attempts":-1}}"#,
+            r#"{"notifier":{"callback_attempts":"two"}}"#,
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("notifier.callback_attempts"), "{bad}: {e}");
+        }
+        let e = parse(r#"{"notifier":{"callback_retries":100}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("notifier.callback_retries"), "{e}");
+    }
+
+    #[test]
+    fn per_host_concurrency_defaults_below_concurrency_and_is_checked() {
+        let per_host = |s: &str| parse(s).unwrap().callback_per_host();
+        assert_eq!(per_host("{}"), 4, "4 of the default 10");
+        assert_eq!(per_host(r#"{"notifier":{"concurrency":1}}"#), 1);
+        assert_eq!(per_host(r#"{"notifier":{"concurrency":3}}"#), 2);
+        assert_eq!(per_host(r#"{"notifier":{"concurrency":100}}"#), 40);
+        assert_eq!(
+            per_host(r#"{"notifier":{"concurrency":10,"per_host_concurrency":10}}"#),
+            10
+        );
+        assert_eq!(per_host(r#"{"notifier":{"per_host_concurrency":1}}"#), 1);
+        for bad in [
+            r#"{"notifier":{"per_host_concurrency":0}}"#,
+            r#"{"notifier":{"per_host_concurrency":11}}"#,
+            r#"{"notifier":{"concurrency":2,"per_host_concurrency":3}}"#,
+            r#"{"notifier":{"per_host_concurrency":"four"}}"#,
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("notifier.per_host_concurrency"), "{bad}: {e}");
+        }
     }
 
     #[test]

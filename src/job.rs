@@ -601,6 +601,13 @@ pub mod state {
     pub const FAILED: &str = "Failed";
 }
 
+/// `waiting_for` of a callback parked until its receiver has a free slot.
+pub const CALLBACK_DESTINATION_WAIT: &str = "callback_destination";
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// A job as the store keeps it: the spec plus its mutable state.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobRecord {
@@ -617,6 +624,10 @@ pub struct JobRecord {
     pub image_size: String,
     pub callback_state: String,
     pub callback_attempts: u32,
+    /// Times the callback was handed back unattempted since its last attempt ended,
+    /// because its receiver had `notifier.per_host_concurrency` callbacks in flight.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub callback_defers: u32,
     pub callback_error: String,
     /// Milliseconds since the Unix epoch; 0 when it has not happened.
     pub created_at: u64,
@@ -625,7 +636,9 @@ pub struct JobRecord {
     pub callback_at: u64,
     pub next_attempt_at: u64,
     /// Why a pending download is not running yet (`aggr_rate`, `host_paused`,
-    /// `host_rate`, `host_concurrency`); `next_attempt_at` says until when.
+    /// `host_rate`, `host_concurrency`), or a pending callback (`callback_destination`:
+    /// parked until its receiver has a free slot); `next_attempt_at` says until when
+    /// at the latest.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub waiting_for: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -650,6 +663,7 @@ impl JobRecord {
             image_size: s("image_size"),
             callback_state: s("cb_state"),
             callback_attempts: n("cb_attempts") as u32,
+            callback_defers: n("cb_defers") as u32,
             callback_error: s("cb_error"),
             created_at: n("created_at"),
             started_at: n("started_at"),
@@ -660,6 +674,11 @@ impl JobRecord {
                 && n("next_at") > 0
             {
                 s("wait")
+            } else if f.get("cb_state").is_some_and(|s| s == state::PENDING)
+                && n("next_at") > 0
+                && f.contains_key("cb_wait")
+            {
+                CALLBACK_DESTINATION_WAIT.to_string()
             } else {
                 String::new()
             },

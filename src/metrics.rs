@@ -58,6 +58,9 @@ pub struct Metrics {
     pub callbacks_delivered: Counter,
     pub callbacks_failed: Counter,
     pub callback_retries: Counter,
+    /// Claimed callbacks parked unattempted: their receiver was at
+    /// `notifier.per_host_concurrency`.
+    pub callbacks_deferred: Counter,
     pub callback_seconds: Histogram,
     pub callbacks_in_flight: Gauge,
     pub claims_paused: Gauge,
@@ -111,6 +114,7 @@ impl Metrics {
             callbacks_delivered: Counter::default(),
             callbacks_failed: Counter::default(),
             callback_retries: Counter::default(),
+            callbacks_deferred: Counter::default(),
             callback_seconds: Histogram::new(exponential_buckets(0.005, 2.5, 12)),
             callbacks_in_flight: Gauge::default(),
             claims_paused: Gauge::default(),
@@ -189,6 +193,11 @@ impl Metrics {
             "callback_retries",
             "Callback attempts that failed and were scheduled again",
             m.callback_retries.clone(),
+        );
+        r.register(
+            "callbacks_deferred",
+            "Claimed callbacks parked unattempted: their receiver had notifier.per_host_concurrency in flight",
+            m.callbacks_deferred.clone(),
         );
         r.register_with_unit(
             "callback_duration",

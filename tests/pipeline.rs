@@ -455,7 +455,8 @@ async fn download_timeout_bounds_the_transfer() {
 async fn callback_is_retried_after_a_failing_receiver() {
     let origin = start_origin().await;
     let rx = start_receiver().await;
-    let svc = Service::start(json!({})).await;
+    // Three attempts: two fail, the third is delivered.
+    let svc = Service::start(json!({"notifier": {"callback_attempts": 3}})).await;
     origin.add_file("f", b"x".to_vec());
     let cb_url = rx.url(2);
     let id = svc.submit(job(&origin, "/file/f", &cb_url, "cb", 1)).await;

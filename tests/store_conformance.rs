@@ -165,6 +165,7 @@ conformance!(
     an_aggregation_with_no_job_left_is_removed,
     claim_shares_skip_what_has_no_room,
     claim_shares_find_others_past_a_full_tenants_many_aggregations,
+    deferred_callbacks_park_on_their_destination_until_woken,
 );
 
 // ------------------------------------------------------------------ helpers
@@ -756,6 +757,135 @@ mod cases {
         );
         assert_eq!(empty(&s, Queue::Download).await, None);
         assert_eq!(empty(&s, Queue::Callback).await, None);
+    }
+
+    /// Callbacks whose downloads have finished, claimed from the callback queue in
+    /// submit order.
+    async fn claimed_callbacks(s: &Arc<dyn Store>, n: usize) -> Vec<Claimed> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let id = new_id();
+            s.submit(&id, &spec("defer", 10, None)).await.unwrap();
+            ids.push(id);
+        }
+        for _ in 0..n {
+            let c = claim(s, Queue::Download, LONG).await;
+            assert!(
+                s.finish_download(&c.job.id, &c.token, &ok_result(), HOUR)
+                    .await
+                    .unwrap()
+            );
+        }
+        let (got, _) = s.claim_many(Queue::Callback, LONG, n).await.unwrap();
+        let got_ids: Vec<_> = got.iter().map(|c| c.job.id.clone()).collect();
+        assert_eq!(got_ids, ids);
+        got
+    }
+
+    pub async fn deferred_callbacks_park_on_their_destination_until_woken(s: Arc<dyn Store>) {
+        let dest = "cb.test:80";
+        let got = claimed_callbacks(&s, 3).await;
+        let (c1, c2, c3) = (&got[0], &got[1], &got[2]);
+        let id = |c: &Claimed| c.job.id.clone();
+        assert!(
+            !s.defer_callback(&c1.job.id, "wrong", dest, LONG)
+                .await
+                .unwrap()
+        );
+        for c in [c1, c2] {
+            assert!(
+                s.defer_callback(&c.job.id, &c.token, dest, LONG)
+                    .await
+                    .unwrap()
+            );
+        }
+        assert!(
+            !s.defer_callback(&c1.job.id, &c1.token, dest, LONG)
+                .await
+                .unwrap(),
+            "the lease ended with the deferral"
+        );
+        let r = job(&s, &c1.job.id).await;
+        assert_eq!(r.callback_state, "Pending");
+        assert_eq!(r.callback_attempts, 0, "not an attempt");
+        assert_eq!(r.callback_defers, 1);
+        assert_eq!(r.waiting_for, "callback_destination");
+        assert!(r.next_attempt_at > 0);
+        // Parked: nothing claimable before the fallback, which is what the claim says.
+        let due = empty(&s, Queue::Callback).await.expect("a fallback time");
+        assert!(due > Duration::from_secs(50) && due <= LONG, "{due:?}");
+
+        // A wake-up for another receiver finds nothing; one for this receiver puts the
+        // oldest at the head of the queue, at once.
+        assert_eq!(s.wake_callbacks("other.test:80", 5).await.unwrap(), 0);
+        assert_eq!(s.wake_callbacks(dest, 1).await.unwrap(), 1);
+        let again = claim(&s, Queue::Callback, LONG).await;
+        assert_eq!(id(&again), id(c1), "the oldest parked one");
+        assert_eq!(again.job.callback_attempts, 1);
+        assert_eq!(again.job.callback_defers, 0, "reset when woken");
+        assert_eq!(again.job.next_attempt_at, 0);
+        assert_eq!(again.job.waiting_for, "");
+        // Deferred again it queues up behind c2; c3 behind both, with a short fallback.
+        assert!(
+            s.defer_callback(&again.job.id, &again.token, dest, LONG)
+                .await
+                .unwrap()
+        );
+        let short = Duration::from_millis(300);
+        let t0 = Instant::now();
+        assert!(
+            s.defer_callback(&c3.job.id, &c3.token, dest, short)
+                .await
+                .unwrap()
+        );
+        // c3 comes back by itself at its fallback time.
+        let back = claim_eventually(&s, Queue::Callback, LONG, 10).await;
+        assert_eq!(id(&back), id(c3));
+        assert!(
+            t0.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(back.job.callback_defers, 1);
+        assert_eq!(back.job.callback_attempts, 1);
+        // Deferred once more, it keeps its place (it never left the receiver's list).
+        assert!(
+            s.defer_callback(&back.job.id, &back.token, dest, LONG)
+                .await
+                .unwrap()
+        );
+        assert_eq!(job(&s, &back.job.id).await.callback_defers, 2);
+        assert_eq!(s.wake_callbacks(dest, 2).await.unwrap(), 2);
+        let (woken, _) = s.claim_many(Queue::Callback, LONG, 10).await.unwrap();
+        let woken_ids: Vec<_> = woken.iter().map(id).collect();
+        assert_eq!(woken_ids, vec![id(c2), id(c1)], "oldest first");
+        assert_eq!(s.wake_callbacks(dest, 5).await.unwrap(), 1);
+        let last = claim(&s, Queue::Callback, LONG).await;
+        assert_eq!(id(&last), id(c3));
+        assert_eq!(s.wake_callbacks(dest, 5).await.unwrap(), 0, "none left");
+
+        // An attempt that ends (here a retry) unparks the callback: a later wake-up
+        // leaves its retry delay alone.
+        assert!(
+            s.defer_callback(&last.job.id, &last.token, dest, short)
+                .await
+                .unwrap()
+        );
+        let back = claim_eventually(&s, Queue::Callback, LONG, 10).await;
+        assert_eq!(id(&back), id(c3));
+        assert!(
+            s.retry_callback(&back.job.id, &back.token, "receiver said 500", HOUR)
+                .await
+                .unwrap()
+        );
+        let r = job(&s, &back.job.id).await;
+        assert_eq!((r.callback_defers, r.waiting_for.as_str()), (0, ""));
+        assert_eq!(s.wake_callbacks(dest, 5).await.unwrap(), 0);
+        for c in &woken {
+            assert!(s.finish_callback(&c.job.id, &c.token, HOUR).await.unwrap());
+        }
+        let due = empty(&s, Queue::Callback).await.expect("c3's retry");
+        assert!(due > Duration::from_secs(3000), "{due:?}");
     }
 
     pub async fn job_without_callback_is_scheduled_for_deletion(s: Arc<dyn Store>) {

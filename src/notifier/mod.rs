@@ -15,6 +15,7 @@ use crate::store::{Claimed, Queue, Store};
 use crate::worker::{self, Handler, WorkerConfig, persist};
 
 mod delivery;
+pub mod fair;
 pub mod http;
 pub mod signing;
 
@@ -27,7 +28,10 @@ pub struct Notifier {
     download_url: String,
     stats: Arc<Stats>,
     backoff: Duration,
-    retries: u32,
+    /// Attempts of a callback in all (`notifier.callback_attempts`).
+    attempts: u32,
+    /// Callbacks in flight per receiver (`notifier.per_host_concurrency`).
+    dests: Arc<fair::Destinations>,
     keep: Duration,
     /// `notifier.failed_retention`.
     failed_retention: Duration,
@@ -42,7 +46,8 @@ impl Notifier {
             download_url: cfg.download_url().map_err(anyhow::Error::msg)?,
             stats: Arc::new(Stats::default()),
             backoff: cfg.notifier_backoff(),
-            retries: cfg.notifier.callback_retries,
+            attempts: cfg.callback_attempts(),
+            dests: fair::Destinations::new(cfg.callback_per_host()),
             keep: cfg.deletion_delay(),
             failed_retention: cfg.failed_retention(),
             root: cfg.storage_root().map_err(anyhow::Error::msg)?,
@@ -140,6 +145,40 @@ fn remove_job_files(root: &std::path::Path, id: &str) {
     }
 }
 
+impl Notifier {
+    /// Hands a callback whose receiver is at its cap back to the store, parked on the
+    /// receiver until one of its slots is freed (see [`fair`]). Not an attempt.
+    async fn defer(&self, c: &Claimed, dest: &str) {
+        let delay = fair::park_delay(c.job.callback_defers);
+        crate::metrics::metrics().callbacks_deferred.inc();
+        self.stats.add("callbackDeferrals", 1);
+        tracing::debug!(
+            destination = dest,
+            ?delay,
+            "receiver at notifier.per_host_concurrency: callback parked"
+        );
+        let parked = persist("defer callback", || {
+            self.store.defer_callback(&c.job.id, &c.token, dest, delay)
+        })
+        .await;
+        // Its receiver's callbacks may have ended while it was being parked.
+        if parked && self.dests.note_parked(dest) {
+            self.wake_parked(dest).await;
+        }
+    }
+
+    /// Puts the oldest callback parked on `dest` at the head of the queue.
+    async fn wake_parked(&self, dest: &str) {
+        match self.store.wake_callbacks(dest, 1).await {
+            Ok(n) => self.dests.note_woken(dest, n),
+            // It comes back at its fallback time.
+            Err(e) => {
+                tracing::warn!(destination = dest, error = %e, "cannot wake a parked callback")
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Handler for Notifier {
     async fn handle(&self, c: Claimed, cancel: CancellationToken) {
@@ -150,6 +189,14 @@ impl Handler for Notifier {
             attempt = c.job.callback_attempts
         );
         async {
+            let url = c.job.spec.callback.as_ref().map_or("", |cb| cb.dst.as_str());
+            let dest = fair::destination(url);
+            // A receiver at its cap: the callback waits parked in the store, holding no
+            // slot here (not an attempt). A cancelled delivery frees the slot on drop.
+            let Some(slot) = self.dests.try_enter(&dest) else {
+                self.defer(&c, &dest).await;
+                return;
+            };
             let _in_flight = crate::metrics::CallbackInFlight::enter();
             let started = std::time::Instant::now();
             let payload = c.job.callback_payload(&self.download_url);
@@ -176,12 +223,12 @@ impl Handler for Notifier {
                     .await;
                 }
                 // A refused address (or an unusable destination) fails at once.
-                Err(e) if !e.retryable() || c.job.callback_attempts > self.retries => {
+                Err(e) if !e.retryable() || c.job.callback_attempts >= self.attempts => {
                     let error = e.to_string();
                     self.stats.add("failedCallbacks", 1);
                     m.callbacks_failed.inc();
                     if e.retryable() {
-                        tracing::warn!(error, "callback failed; no retries left");
+                        tracing::warn!(error, "callback failed; no attempts left");
                     } else {
                         tracing::warn!(error, "callback failed; not retried");
                     }
@@ -201,6 +248,9 @@ impl Handler for Notifier {
                     })
                     .await;
                 }
+            }
+            if self.dests.leave(slot) {
+                self.wake_parked(&dest).await;
             }
         }
         .instrument(span)

@@ -43,11 +43,12 @@
 //! | `stats`     | component                | (expires_at, json)                     |
 //! | `ratewait`  | (due, aggregation)       | — (waiting for its `aggr_rate`)        |
 //! | `hosts`     | host                     | JSON `{tat, pause_until, slots}`       |
+//! | `cb_wait`   | (destination, seq)       | id (callbacks parked on a busy receiver, FIFO) |
 //!
 //! The job map holds the same fields as the Redis hash (`dl_state`, `dl_lease`, ...)
 //! plus the scores of the sorted-set entries it is in (`dl_lease_exp`,
-//! `cb_lease_exp`, `dl_delayed_at`, `cb_delayed_at`, `del_at`), so that an entry can
-//! be moved or removed without a scan.
+//! `cb_lease_exp`, `dl_delayed_at`, `cb_delayed_at`, `del_at`, and `cb_wait_seq`
+//! beside `cb_wait`), so that an entry can be moved or removed without a scan.
 //!
 //! Where it differs from Redis, without a difference the trait can show:
 //! - a download claim takes the ready aggregations round robin (Redis: at random);
@@ -59,7 +60,9 @@
 //!   fsync;
 //! - expired stats are not removed, only read as absent until overwritten;
 //! - a host's limiter state is one record, removed once it is idle (Redis: keys
-//!   that expire).
+//!   that expire);
+//! - a parked callback's `cb_wait` entry is removed as soon as it is no longer
+//!   parked (Redis leaves it in the list, to be skipped, and lets the list expire).
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -119,6 +122,7 @@ const PENDING_TOTAL: &str = "pending_total";
 const STATS: TableDefinition<Str, (u64, Str)> = TableDefinition::new("stats");
 const RATEWAIT: TableDefinition<(u64, Str), ()> = TableDefinition::new("ratewait");
 const HOSTS: TableDefinition<Str, Str> = TableDefinition::new("hosts");
+const CB_WAIT: TableDefinition<(Str, i64), Str> = TableDefinition::new("cb_wait");
 
 type Fields = BTreeMap<String, String>;
 
@@ -272,6 +276,7 @@ struct W<'t> {
     stats: Table<'t, Str, (u64, Str)>,
     ratewait: Table<'t, (u64, Str), ()>,
     hosts: Table<'t, Str, Str>,
+    cb_wait: Table<'t, (Str, i64), Str>,
     wake: [bool; 2],
     /// The current step wrote something: commit (otherwise abort, saving an fsync).
     dirty: bool,
@@ -299,6 +304,7 @@ impl<'t> W<'t> {
             stats: tx.open_table(STATS)?,
             ratewait: tx.open_table(RATEWAIT)?,
             hosts: tx.open_table(HOSTS)?,
+            cb_wait: tx.open_table(CB_WAIT)?,
             wake: [false; 2],
             dirty: false,
             cursor,
@@ -740,6 +746,46 @@ impl<'t> W<'t> {
         if let Some(at) = f.remove("failed_at") {
             let at: u64 = at.parse().map_err(corrupt)?;
             self.failed.remove((at, id))?;
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Parks callback `id` on `dest` (`RPUSH cbwait:<dest>`), unless it is parked
+    /// there already: it keeps its place (the caller saves `f`).
+    fn park_callback(&mut self, id: &str, f: &mut Fields, dest: &str) -> R<()> {
+        if f.get("cb_wait").is_some_and(|d| d == dest) {
+            return Ok(());
+        }
+        self.unpark_entry(id, f)?;
+        let last = self
+            .cb_wait
+            .range((dest, i64::MIN)..=(dest, i64::MAX))?
+            .next_back()
+            .transpose()?
+            .map(|(k, _)| k.value().1);
+        let seq = last.map_or(0, |s| s + 1);
+        self.cb_wait.insert((dest, seq), id)?;
+        set(f, "cb_wait", dest);
+        set(f, "cb_wait_seq", seq);
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Removes the callback's `cb_wait` entry, if it has one (the caller saves `f`).
+    fn unpark_entry(&mut self, id: &str, f: &mut Fields) -> R<()> {
+        let Some(dest) = f.remove("cb_wait") else {
+            return Ok(());
+        };
+        if let Some(seq) = f.remove("cb_wait_seq") {
+            let seq: i64 = seq.parse().map_err(corrupt)?;
+            if self
+                .cb_wait
+                .remove((dest.as_str(), seq))?
+                .is_some_and(|v| v.value() != id)
+            {
+                return Err(corrupt(format!("cb_wait entry of {id} held another id")));
+            }
             self.dirty = true;
         }
         Ok(())
@@ -1243,6 +1289,9 @@ fn end_callback(w: &mut W<'_>, id: &str, token: &str, st: &str, err: &str, delay
     let now = w.now;
     w.zrem(true, "cb", id, &mut f)?;
     f.remove("cb_lease");
+    // An attempt ended: no longer parked.
+    w.unpark_entry(id, &mut f)?;
+    f.remove("cb_defers");
     set(&mut f, "cb_state", st);
     set(&mut f, "cb_error", err);
     if st == state::SUCCESS {
@@ -1311,6 +1360,7 @@ impl EmbeddedStore {
             tx.open_table(STATS).map_err(Fail::from)?;
             tx.open_table(RATEWAIT).map_err(Fail::from)?;
             tx.open_table(HOSTS).map_err(Fail::from)?;
+            tx.open_table(CB_WAIT).map_err(Fail::from)?;
         }
         tx.commit().map_err(Fail::from)?;
         let db = Arc::new(db);
@@ -1719,6 +1769,90 @@ impl Store for EmbeddedStore {
             .await
     }
 
+    async fn defer_callback(
+        &self,
+        id: &str,
+        token: &str,
+        dest: &str,
+        delay: Duration,
+    ) -> Result<bool> {
+        let (id, token, dest, delay) = (
+            id.to_string(),
+            token.to_string(),
+            dest.to_string(),
+            millis(delay),
+        );
+        self.write(move |w| {
+            let Some(mut f) = w.job(&id)? else {
+                return Ok(false);
+            };
+            if !holds(&f, "cb", &token) {
+                return Ok(false);
+            }
+            let at = w.now.saturating_add(delay);
+            w.zrem(true, "cb", &id, &mut f)?;
+            f.remove("cb_lease");
+            incr(&mut f, "cb_attempts", -1);
+            incr(&mut f, "cb_defers", 1);
+            w.park_callback(&id, &mut f, &dest)?;
+            set(&mut f, "cb_state", state::PENDING);
+            set(&mut f, "next_at", at);
+            w.zadd(false, "cb", &id, &mut f, at)?;
+            w.put_job(&id, &f)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn wake_callbacks(&self, dest: &str, max: usize) -> Result<usize> {
+        let max = max.min(super::MAX_CALLBACK_WAKE);
+        if max == 0 {
+            return Ok(0);
+        }
+        let dest = dest.to_string();
+        self.write(move |w| {
+            let mut woken = Vec::new();
+            let mut looked = 0;
+            while woken.len() < max && looked < 16 * max {
+                let first = w
+                    .cb_wait
+                    .range((dest.as_str(), i64::MIN)..=(dest.as_str(), i64::MAX))?
+                    .next()
+                    .transpose()?
+                    .map(|(k, v)| (k.value().1, v.value().to_string()));
+                let Some((seq, id)) = first else { break };
+                looked += 1;
+                w.cb_wait.remove((dest.as_str(), seq))?;
+                w.dirty = true;
+                let Some(mut f) = w.job(&id)? else { continue };
+                let mine = f.get("cb_wait").is_some_and(|d| *d == dest)
+                    && f.get("cb_wait_seq").is_some_and(|s| *s == seq.to_string());
+                if !mine {
+                    continue;
+                }
+                f.remove("cb_wait");
+                f.remove("cb_wait_seq");
+                let parked = f.get("cb_state").is_some_and(|s| s == state::PENDING)
+                    && f.contains_key("cb_delayed_at");
+                if parked {
+                    w.zrem(false, "cb", &id, &mut f)?;
+                    set(&mut f, "next_at", 0);
+                    f.remove("cb_defers");
+                    woken.push(id.clone());
+                }
+                w.put_job(&id, &f)?;
+            }
+            for id in woken.iter().rev() {
+                w.push_callback(id, true)?;
+            }
+            if !woken.is_empty() {
+                w.wake(Queue::Callback);
+            }
+            Ok(woken.len())
+        })
+        .await
+    }
+
     async fn requeue_callback(&self, id: &str) -> Result<RetryCallback> {
         let id = id.to_string();
         self.write(move |w| {
@@ -1737,6 +1871,8 @@ impl Store for EmbeddedStore {
             set(&mut f, "cb_state", state::PENDING);
             set(&mut f, "cb_attempts", 0);
             set(&mut f, "cb_lost", 0);
+            w.unpark_entry(&id, &mut f)?;
+            f.remove("cb_defers");
             w.put_job(&id, &f)?;
             w.push_callback(&id, false)?;
             w.wake(Queue::Callback);
@@ -1867,6 +2003,7 @@ impl Store for EmbeddedStore {
                     w.deletions.remove((at, id.as_str()))?;
                 }
                 w.remove_failed(id, &mut f)?;
+                w.unpark_entry(id, &mut f)?;
                 w.jobs.remove(id.as_str())?;
                 w.dirty = true;
             }

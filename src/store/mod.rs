@@ -77,6 +77,9 @@ impl HostLimits {
 /// or limits changed by a restart).
 pub const HOST_PARK_FALLBACK: Duration = Duration::from_secs(2);
 
+/// Most parked callbacks one [`Store::wake_callbacks`] call moves.
+pub const MAX_CALLBACK_WAKE: usize = 1000;
+
 /// Whether a claimed download may go to its host now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostPermit {
@@ -457,6 +460,27 @@ pub trait Store: Send + Sync + 'static {
     /// Marks a callback failed for good and lists it among the failed ones; it stays
     /// until `POST /retry/{id}` or until [`Store::expire_failed`] lets it go.
     async fn fail_callback(&self, id: &str, token: &str, error: &str) -> Result<bool>;
+
+    /// Hands a claimed callback back without counting an attempt: its destination
+    /// `dest` (the receiver's `host:port`) has all the callbacks in flight the notifier
+    /// allows it (`notifier.per_host_concurrency`). The callback is parked on `dest`:
+    /// [`Store::wake_callbacks`] for `dest` puts it at the head of the queue, or it
+    /// becomes due by itself after `delay` (a fallback, not a poll). A callback already
+    /// parked on `dest` keeps its place among the parked ones. Counts the deferral in
+    /// the job (`callback_defers`, reset when an attempt ends or it is woken). `false`
+    /// when the lease was lost.
+    async fn defer_callback(
+        &self,
+        id: &str,
+        token: &str,
+        dest: &str,
+        delay: Duration,
+    ) -> Result<bool>;
+
+    /// Puts up to `max` callbacks parked on `dest` (oldest first) at the head of the
+    /// callback queue, as they were, and wakes a notifier; returns how many. Entries of
+    /// callbacks no longer parked are dropped on the way.
+    async fn wake_callbacks(&self, dest: &str, max: usize) -> Result<usize>;
 
     /// Queues the callback of a job whose callback failed.
     async fn requeue_callback(&self, id: &str) -> Result<RetryCallback>;

@@ -582,7 +582,8 @@ local k = P..'job:'..id
 if redis.call('HGET', k, 'cb_lease') ~= token then return 0 end
 local now = now_ms()
 redis.call('ZREM', P..'cb:leases', id)
-redis.call('HDEL', k, 'cb_lease')
+-- An attempt ended: no longer parked (an entry left in `cbwait:` is skipped).
+redis.call('HDEL', k, 'cb_lease', 'cb_wait', 'cb_defers')
 redis.call('HSET', k, 'cb_state', st, 'cb_error', err)
 if st == 'Success' then
   redis.call('HSET', k, 'cb_at', n2s(now))
@@ -600,6 +601,63 @@ return 1
     )
 });
 
+/// Parks a claimed callback on its destination (`cbwait:<dest>`, `cb_wait` in the job
+/// marks its entry there) and delays it by the fallback; not an attempt.
+static DEFER_CALLBACK: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local id, token, dest, delay = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local k = P..'job:'..id
+if redis.call('HGET', k, 'cb_lease') ~= token then return 0 end
+local at = n2s(now_ms() + delay)
+redis.call('ZREM', P..'cb:leases', id)
+redis.call('HDEL', k, 'cb_lease')
+redis.call('HINCRBY', k, 'cb_attempts', -1)
+redis.call('HINCRBY', k, 'cb_defers', 1)
+-- Already parked there (it came back at its fallback time): it keeps its place.
+local wl = P..'cbwait:'..dest
+if redis.call('HGET', k, 'cb_wait') ~= dest or redis.call('EXISTS', wl) == 0 then
+  redis.call('RPUSH', wl, id)
+  redis.call('HSET', k, 'cb_wait', dest)
+end
+redis.call('PEXPIRE', wl, n2s(math.max(600000, 10 * delay)))
+redis.call('HSET', k, 'cb_state', 'Pending', 'next_at', at)
+redis.call('ZADD', P..'cb:delayed', at, id)
+return 1
+"#,
+    )
+});
+
+/// Moves up to `ARGV[2]` callbacks parked on `ARGV[1]` from `cb:delayed` to the head
+/// of `cb:queue`, oldest first; entries of callbacks no longer parked are dropped.
+static WAKE_CALLBACKS: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local dest, max = ARGV[1], tonumber(ARGV[2])
+local wl = P..'cbwait:'..dest
+local woken, looked = {}, 0
+while #woken < max and looked < 16 * max do
+  local w = redis.call('LPOP', wl)
+  if not w then break end
+  looked = looked + 1
+  local k = P..'job:'..w
+  if redis.call('HGET', k, 'cb_wait') == dest then
+    redis.call('HDEL', k, 'cb_wait')
+    if redis.call('HGET', k, 'cb_state') == 'Pending' and redis.call('ZSCORE', P..'cb:delayed', w) then
+      redis.call('ZREM', P..'cb:delayed', w)
+      redis.call('HSET', k, 'next_at', 0)
+      redis.call('HDEL', k, 'cb_defers')
+      woken[#woken + 1] = w
+    end
+  end
+end
+for i = #woken, 1, -1 do redis.call('LPUSH', P..'cb:queue', woken[i]) end
+if #woken > 0 then wake('cb') end
+return #woken
+"#,
+    )
+});
+
 static REQUEUE_CALLBACK: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
@@ -611,6 +669,7 @@ if st ~= 'Failed' then return 'state:' .. st end
 if redis.call('ZSCORE', P..'deletions', ARGV[1]) then return 'state:Expired' end
 redis.call('ZREM', P..'cb:failed', ARGV[1])
 redis.call('HSET', k, 'cb_state', 'Pending', 'cb_attempts', 0, 'cb_lost', 0)
+redis.call('HDEL', k, 'cb_wait', 'cb_defers')
 redis.call('RPUSH', P..'cb:queue', ARGV[1])
 wake('cb')
 return 'ok'
@@ -1107,6 +1166,39 @@ impl Store for RedisStore {
     async fn fail_callback(&self, id: &str, token: &str, error: &str) -> Result<bool> {
         self.end_callback(id, token, crate::job::state::FAILED, error, Duration::ZERO)
             .await
+    }
+
+    async fn defer_callback(
+        &self,
+        id: &str,
+        token: &str,
+        dest: &str,
+        delay: Duration,
+    ) -> Result<bool> {
+        let ok: i64 = self
+            .run(
+                DEFER_CALLBACK
+                    .key(&self.prefix)
+                    .arg(id)
+                    .arg(token)
+                    .arg(dest)
+                    .arg(millis(delay)),
+            )
+            .await?;
+        Ok(ok == 1)
+    }
+
+    async fn wake_callbacks(&self, dest: &str, max: usize) -> Result<usize> {
+        if max == 0 {
+            return Ok(0);
+        }
+        self.run(
+            WAKE_CALLBACKS
+                .key(&self.prefix)
+                .arg(dest)
+                .arg(max.min(super::MAX_CALLBACK_WAKE)),
+        )
+        .await
     }
 
     async fn requeue_callback(&self, id: &str) -> Result<RetryCallback> {

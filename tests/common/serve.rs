@@ -59,11 +59,10 @@ impl Serve {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 201);
-        r.json::<Value>().await.unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_str().unwrap().to_string()
     }
 
     pub fn kill(&mut self) {
