@@ -50,12 +50,15 @@ pub struct WorkerConfig {
     pub may_claim: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
-/// Leases held by this process: job id → (token, the task's cancel token).
+/// Leases held by this process: (job id, lease token) → the task's cancel token.
+/// Keyed by the token too: a job handed back (deferred, released) may be claimed again
+/// by this process while its first task is still ending, and each lease must be
+/// renewed, lost and removed on its own.
 #[derive(Default)]
-struct Leases(Mutex<HashMap<String, (String, CancellationToken)>>);
+struct Leases(Mutex<HashMap<(String, String), CancellationToken>>);
 
 impl Leases {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, CancellationToken)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), CancellationToken>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -122,16 +125,14 @@ pub async fn run(
                 error_backoff = Duration::from_millis(100);
                 for c in claimed {
                     let cancel = CancellationToken::new();
-                    let id = c.job.id.clone();
-                    leases
-                        .lock()
-                        .insert(id.clone(), (c.token.clone(), cancel.clone()));
+                    let key = (c.job.id.clone(), c.token.clone());
+                    leases.lock().insert(key.clone(), cancel.clone());
                     let (h, l) = (handler.clone(), leases.clone());
                     let ticket = handler.claimed(&c);
                     tasks.spawn(
                         async move {
                             h.handle(c, cancel).await;
-                            l.lock().remove(&id);
+                            l.lock().remove(&key);
                             drop(ticket);
                         }
                         .in_current_span(),
@@ -175,7 +176,7 @@ pub async fn run(
             jobs = n,
             "grace period over: handing running jobs back"
         );
-        for (_, (_, cancel)) in leases.lock().iter() {
+        for cancel in leases.lock().values() {
             cancel.cancel();
         }
         while let Some(r) = tasks.join_next().await {
@@ -206,16 +207,13 @@ async fn renew_leases(
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let held: Vec<(String, String)> = leases
-            .lock()
-            .iter()
-            .map(|(id, (token, _))| (id.clone(), token.clone()))
-            .collect();
+        let held: Vec<(String, String)> = leases.lock().keys().cloned().collect();
         match store.renew(queue, &held, lease).await {
             Ok(alive) => {
                 let map = leases.lock();
-                for ((id, _), ok) in held.iter().zip(alive) {
-                    if !ok && let Some((_, cancel)) = map.get(id) {
+                for (key, ok) in held.iter().zip(alive) {
+                    if !ok && let Some(cancel) = map.get(key) {
+                        let id = &key.0;
                         tracing::warn!(job_id = %id, queue = queue.name(), "lease lost: another worker owns the job now");
                         cancel.cancel();
                     }
