@@ -13,6 +13,9 @@ fuzz_target!(|data: &[u8]| {
         max_input_bytes: 4 << 20,
         max_frames: 100,
         threads: 1,
+        max_output_pixels: 1 << 20,
+        max_output_bytes: 16 << 20,
+        max_memory_bytes: 256 << 20,
     };
     // The last byte picks the spec, so the image bytes stay intact at the front.
     let sel = data.last().copied().unwrap_or(0);
