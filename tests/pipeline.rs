@@ -600,6 +600,8 @@ async fn every_validation_error_is_a_400_naming_the_field() {
         (without("callback_url"), "callback"),
         (with("callback_url", json!("nope")), "callback_url"),
         (with("extra", json!({"a": 1})), "extra"),
+        // Over api.max_extra_bytes (64 KiB).
+        (with("extra", json!("x".repeat(65 << 10))), "extra"),
         (with("mime_type", json!("image/[")), "mime_type"),
         (with("mime_type", json!(7)), "mime_type"),
         (with("max_retries", json!(-1)), "max_retries"),
