@@ -76,7 +76,7 @@ pub struct RedisConfig {
     pub master_name: Option<String>,
     /// Logical database number.
     pub db: i64,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// Every key this service writes starts with `<key_prefix>:`.
     pub key_prefix: String,
     /// Timeout of one Redis command, in milliseconds.
@@ -981,6 +981,16 @@ mod tests {
         assert_eq!(cfg.download_url().unwrap(), "http://localhost/foo");
         assert_eq!(cfg.backends.http.timeout, 30);
         assert_eq!(cfg.processor.lease_secs, 15);
+    }
+
+    #[test]
+    fn the_redis_password_is_not_in_debug_output() {
+        let c = parse(r#"{"redis":{"password":"hunter2-secret"}}"#).unwrap();
+        assert_eq!(
+            c.redis.password.as_ref().map(Secret::expose),
+            Some("hunter2-secret")
+        );
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]

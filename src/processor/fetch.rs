@@ -480,8 +480,7 @@ fn retry_after(h: &HeaderMap) -> Option<Duration> {
     Some(d.min(Duration::from_secs(3600)))
 }
 
-/// The first error of type `T` in `e`'s chain, looking inside boxed errors and
-/// `io::Error`s (hyper and tokio-rustls wrap the interesting ones in both).
+/// The transfer took longer than `timeout`: retried.
 fn timed_out(timeout: Duration) -> Outcome {
     Outcome::Retry {
         error: format!("download timed out after {}s", timeout.as_secs()),
