@@ -11,6 +11,8 @@ pub mod config;
 #[cfg(feature = "service")]
 pub mod disk;
 #[cfg(feature = "service")]
+pub mod errors;
+#[cfg(feature = "service")]
 pub mod job;
 #[cfg(feature = "service")]
 pub mod logging;

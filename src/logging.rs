@@ -311,12 +311,7 @@ impl Visit for EscapedVisitor<'_> {
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        let mut text = value.to_string();
-        let mut source = value.source();
-        while let Some(s) = source {
-            let _ = write!(text, ": {s}");
-            source = s.source();
-        }
+        let text = crate::errors::error_chain(value);
         self.record_debug(field, &format_args!("{text}"))
     }
 

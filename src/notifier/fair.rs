@@ -81,12 +81,6 @@ pub struct Slot {
     held: bool,
 }
 
-impl Slot {
-    pub fn destination(&self) -> &str {
-        &self.key
-    }
-}
-
 impl Drop for Slot {
     fn drop(&mut self) {
         if self.held {
@@ -102,10 +96,6 @@ impl Destinations {
             map: Mutex::new(HashMap::new()),
             clock: Default::default(),
         })
-    }
-
-    pub fn cap(&self) -> usize {
-        self.cap
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Dest>> {
@@ -189,6 +179,10 @@ impl Destinations {
 
     /// Keeps the notes of idle receivers bounded: the oldest go first.
     fn trim(&self, map: &mut HashMap<String, Dest>) {
+        // O(1) first: the idle notes are never more than the map holds.
+        if map.len() <= MAX_IDLE_NOTES {
+            return;
+        }
         let idle = map.values().filter(|d| d.running == 0).count();
         if idle <= MAX_IDLE_NOTES {
             return;

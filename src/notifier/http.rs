@@ -15,8 +15,9 @@ use reqwest::header::CONTENT_TYPE;
 use super::delivery::DeliveryError;
 use super::signing::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Signer};
 use crate::config::Config;
+use crate::errors::error_chain;
 use crate::job::{CallbackPayload, JobRecord};
-use crate::net::{GuardedResolver, NetGuard, error_chain, find_refused};
+use crate::net::{GuardedResolver, NetGuard, find_refused};
 
 /// Longest a callback's connection (DNS included) may take, within `backends.http.timeout`.
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,16 +58,6 @@ impl HttpSender {
             guard,
             signer,
         })
-    }
-
-    /// The guard callbacks go through.
-    pub fn guard(&self) -> &NetGuard {
-        &self.guard
-    }
-
-    /// How many keys sign each callback (0: unsigned).
-    pub fn signing_keys(&self) -> usize {
-        self.signer.as_ref().map_or(0, Signer::len)
     }
 
     /// POSTs `payload` to the job's callback URL. Delivered on any 2xx.

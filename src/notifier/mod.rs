@@ -192,7 +192,7 @@ impl Handler for Notifier {
             let url = c.job.spec.callback.as_ref().map_or("", |cb| cb.dst.as_str());
             let dest = fair::destination(url);
             // A receiver at its cap: the callback waits parked in the store, holding no
-            // slot here (not an attempt). A cancelled delivery frees the slot on drop.
+            // slot here (not an attempt).
             let Some(slot) = self.dests.try_enter(&dest) else {
                 self.defer(&c, &dest).await;
                 return;
@@ -205,6 +205,10 @@ impl Handler for Notifier {
                 _ = cancel.cancelled() => {
                     if let Err(e) = self.store.release(Queue::Callback, &c.job.id, &c.token).await {
                         tracing::warn!(error = %e, "cannot hand the callback back; its lease will expire");
+                    }
+                    // The slot is free again: a callback parked on this receiver may go.
+                    if self.dests.leave(slot) {
+                        self.wake_parked(&dest).await;
                     }
                     return;
                 }

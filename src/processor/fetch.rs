@@ -11,11 +11,9 @@ use futures_util::StreamExt;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use tokio::io::AsyncWriteExt;
 
+use crate::errors::{error_chain, find_in_chain};
 use crate::job::{JobRecord, MimePattern, relative_path, sniff_mime};
-use crate::net::{
-    AddressRefused, GuardedResolver, NetGuard, ProxyPolicy, ProxyVerdict, classify, error_chain,
-    find_in_chain,
-};
+use crate::net::{AddressRefused, GuardedResolver, NetGuard, ProxyPolicy, ProxyVerdict, classify};
 
 /// Bytes sniffed for the MIME type before the check runs.
 const SNIFF_BYTES: usize = 1024;

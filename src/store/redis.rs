@@ -763,10 +763,7 @@ impl RedisStore {
             redis::IntoConnectionInfo::into_connection_info(addr.as_str())
                 .map_err(|e| StoreError::Backend(format!("redis.addr {:?}: {e}", cfg.addr)))?;
         if let Some(pw) = &cfg.password {
-            let settings = info
-                .redis_settings()
-                .clone()
-                .set_password(pw.expose().to_string());
+            let settings = info.redis_settings().clone().set_password(pw.expose());
             info = info.set_redis_settings(settings);
         }
         let client = redis::Client::open(info).map_err(backend)?;

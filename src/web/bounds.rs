@@ -518,20 +518,16 @@ pub enum BodyFailure {
 
 /// Which of ours `e` (a body's error, or anything whose source chain holds one) is.
 pub fn body_failure(e: &(dyn std::error::Error + 'static)) -> Option<BodyFailure> {
-    let mut source = Some(e);
-    while let Some(e) = source {
-        if e.is::<tower_http::timeout::TimeoutError>() {
-            return Some(BodyFailure::Stalled);
-        }
-        if e.is::<BodyDeadline>() {
-            return Some(BodyFailure::Deadline);
-        }
-        if e.is::<BodyBudgetSpent>() {
-            return Some(BodyFailure::Budget);
-        }
-        source = e.source();
+    use crate::errors::find_in_chain;
+    if find_in_chain::<tower_http::timeout::TimeoutError>(e).is_some() {
+        Some(BodyFailure::Stalled)
+    } else if find_in_chain::<BodyDeadline>(e).is_some() {
+        Some(BodyFailure::Deadline)
+    } else if find_in_chain::<BodyBudgetSpent>(e).is_some() {
+        Some(BodyFailure::Budget)
+    } else {
+        None
     }
-    None
 }
 
 // ------------------------------------------------------------------------ socket

@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiResult, AppState, Caller, body_error};
+use super::{ApiError, ApiResult, AppState, Caller, body_error, job_seen_by, shown_callback_state};
 use crate::job::is_valid_id;
 use crate::store::{FailedCursor, RetryCallback, Store, StoreError};
 
@@ -217,12 +217,7 @@ pub async fn requeue(
     match target {
         Target::Ids(ids) => {
             for id in ids.iter().take(MAX_BATCH) {
-                let visible = caller.all_tenants
-                    || is_valid_id(id)
-                        && store
-                            .get_job(id)
-                            .await?
-                            .is_some_and(|r| caller.sees(r.spec.tenant.as_deref()));
+                let visible = caller.all_tenants || job_seen_by(store, caller, id).await?.is_some();
                 if !visible {
                     out.skipped
                         .push(json!({"job_id": id, "reason": "not found"}));
@@ -235,7 +230,7 @@ pub async fn requeue(
                         .push(json!({"job_id": id, "reason": "not found"})),
                     RetryCallback::NotFailed(st) => out.skipped.push(json!({
                         "job_id": id,
-                        "reason": format!("callback not failed (state: {:?})", if st.is_empty() { "none yet" } else { &st }),
+                        "reason": format!("callback not failed (state: {:?})", shown_callback_state(&st)),
                     })),
                 }
             }
@@ -252,7 +247,7 @@ pub async fn requeue(
             // at once comes back at the end of the list and must not be taken twice.
             let (mut ids, mut cursor) = (Vec::new(), after);
             out.more = 'list: loop {
-                let want = (limit - ids.len()).min(DEFAULT_PAGE);
+                let want = limit - ids.len();
                 let page = store
                     .failed_callbacks(cursor.as_ref(), want, &filter)
                     .await?;
@@ -424,7 +419,7 @@ pub async fn run_cli(command: Command, cfg: &crate::config::Config) -> ExitCode 
         Err(e) => {
             let hint = match cfg.store_kind() {
                 crate::config::StoreKind::Embedded(p) => format!(
-                    " (the embedded store {} can be open in one process only: stop `downloader serve`,                      or use its GET /callbacks/failed and POST /callbacks/retry)",
+                    " (the embedded store {} can be open in one process only: stop `downloader serve`, or use its GET /callbacks/failed and POST /callbacks/retry)",
                     p.display()
                 ),
                 crate::config::StoreKind::Redis => String::new(),

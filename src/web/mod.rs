@@ -314,14 +314,29 @@ pub(crate) async fn visible_job(
     caller: &Caller,
     id: &str,
 ) -> Result<crate::job::JobRecord, ApiError> {
-    let not_found = || ApiError(StatusCode::NOT_FOUND, format!("job {id} not found"));
+    job_seen_by(&*s.store, caller, id)
+        .await?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("job {id} not found")))
+}
+
+/// The job, if `id` is one and the caller may see it (`None` otherwise).
+pub(crate) async fn job_seen_by(
+    store: &dyn Store,
+    caller: &Caller,
+    id: &str,
+) -> Result<Option<crate::job::JobRecord>, crate::store::StoreError> {
     if !is_valid_id(id) {
-        return Err(not_found());
+        return Ok(None);
     }
-    match s.store.get_job(id).await? {
-        Some(rec) if caller.sees(rec.spec.tenant.as_deref()) => Ok(rec),
-        _ => Err(not_found()),
-    }
+    Ok(store
+        .get_job(id)
+        .await?
+        .filter(|rec| caller.sees(rec.spec.tenant.as_deref())))
+}
+
+/// A callback state for messages: `"none yet"` before the first one.
+pub(crate) fn shown_callback_state(state: &str) -> &str {
+    if state.is_empty() { "none yet" } else { state }
 }
 
 async fn retry(
@@ -345,7 +360,7 @@ async fn retry(
             StatusCode::CONFLICT,
             format!(
                 "job {id}'s callback has not failed (callback state: {:?})",
-                if state.is_empty() { "none yet" } else { &state }
+                shown_callback_state(&state)
             ),
         )),
     }
