@@ -208,7 +208,7 @@ impl NetGuard {
     }
 }
 
-/// The first [`AddressRefused`] in `e`'s chain (see [`find_in_chain`]).
+/// The first [`AddressRefused`] in `e`'s chain (see [`crate::errors::find_in_chain`]).
 pub fn find_refused<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a AddressRefused> {
     crate::errors::find_in_chain::<AddressRefused>(e)
 }
