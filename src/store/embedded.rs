@@ -70,7 +70,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::{Arc, mpsc};
 use std::thread;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redb::{
@@ -80,6 +80,7 @@ use redb::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
+use super::clock::Clock;
 use super::{
     AggrFilter, AggrSettings, AggrSummary, ClaimShares, Claimed, DownloadResult,
     FAILED_SCAN_FACTOR, FailedCallback, FailedCursor, FailedPage, Full, HOST_PARK_FALLBACK,
@@ -230,12 +231,6 @@ fn corrupt(e: impl std::fmt::Display) -> Fail {
     Fail::Store(StoreError::Corrupt(e.to_string()))
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 fn num(f: &Fields, k: &str) -> i64 {
     f.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
@@ -260,6 +255,7 @@ fn holds(f: &Fields, q: Str, token: &str) -> bool {
 /// and the queues that step wakes once it is committed.
 struct W<'t> {
     now: u64,
+    clock: &'t Clock,
     jobs: Table<'t, Str, Str>,
     aggrs: Table<'t, Str, Str>,
     pending: Table<'t, (Str, i64), Str>,
@@ -285,9 +281,10 @@ struct W<'t> {
 }
 
 impl<'t> W<'t> {
-    fn open(tx: &'t WriteTransaction, cursor: String) -> R<W<'t>> {
+    fn open(tx: &'t WriteTransaction, cursor: String, clock: &'t Clock) -> R<W<'t>> {
         Ok(W {
-            now: now_ms(),
+            now: clock.now_ms(),
+            clock,
             jobs: tx.open_table(JOBS)?,
             aggrs: tx.open_table(AGGRS)?,
             pending: tx.open_table(PENDING)?,
@@ -313,7 +310,7 @@ impl<'t> W<'t> {
 
     /// Starts the next step of the batch: reads the clock, clears its flags.
     fn begin_step(&mut self) {
-        self.now = now_ms();
+        self.now = self.clock.now_ms();
         self.wake = [false; 2];
         self.dirty = false;
     }
@@ -878,6 +875,7 @@ struct Writer {
     notify: Arc<[Notify; 2]>,
     steps: mpsc::Receiver<Box<dyn Op>>,
     cursor: String,
+    clock: Clock,
 }
 
 impl Writer {
@@ -913,7 +911,7 @@ impl Writer {
             let mut dirty = false;
             let mut broken = None;
             {
-                let mut w = match W::open(&tx, std::mem::take(&mut self.cursor)) {
+                let mut w = match W::open(&tx, std::mem::take(&mut self.cursor), &self.clock) {
                     Ok(w) => w,
                     Err(e) => return Self::fail_all(ops, e),
                 };
@@ -980,6 +978,7 @@ struct Inner {
     steps: Option<mpsc::Sender<Box<dyn Op>>>,
     writer: Option<thread::JoinHandle<()>>,
     worker: String,
+    clock: Clock,
 }
 
 impl Drop for Inner {
@@ -1327,6 +1326,11 @@ impl EmbeddedStore {
     /// Opens the store file at `path`, creating it (and its parent directory) if
     /// needed. Fails with a clear message when another process has it open.
     pub fn open(path: &Path) -> Result<EmbeddedStore> {
+        Self::open_with_clock(path, Clock::system())
+    }
+
+    /// [`EmbeddedStore::open`] with the time read from `clock` (tests that control it).
+    pub fn open_with_clock(path: &Path, clock: Clock) -> Result<EmbeddedStore> {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
@@ -1371,6 +1375,7 @@ impl EmbeddedStore {
             notify: notify.clone(),
             steps: rx,
             cursor: String::new(),
+            clock: clock.clone(),
         };
         let writer = thread::Builder::new()
             .name("store-writer".into())
@@ -1383,6 +1388,7 @@ impl EmbeddedStore {
                 steps: Some(steps),
                 writer: Some(writer),
                 worker: crate::job::new_id(),
+                clock,
             }),
         })
     }
@@ -1884,7 +1890,7 @@ impl Store for EmbeddedStore {
     async fn due_deletions(&self, limit: usize) -> Result<Vec<String>> {
         self.run(move |s| {
             s.read(|tx| {
-                let now = now_ms();
+                let now = s.clock.now_ms();
                 let t = tx.open_table(DELETIONS)?;
                 let mut out = Vec::new();
                 if limit == 0 {
@@ -2117,7 +2123,7 @@ impl Store for EmbeddedStore {
                     return Ok(None);
                 };
                 let (exp, json) = v.value();
-                Ok((now_ms() <= exp).then(|| json.to_string()))
+                Ok((s.clock.now_ms() <= exp).then(|| json.to_string()))
             })
         })
         .await
@@ -2189,6 +2195,7 @@ mod tests {
             notify: Arc::new([Notify::new(), Notify::new()]),
             steps: rx,
             cursor: String::new(),
+            clock: Clock::system(),
         };
         let (s1, a1) = step(|w| put(w, "a").map(|()| 1));
         let (s2, a2) = step(|w| -> R<u32> {

@@ -10,8 +10,11 @@ use async_trait::async_trait;
 
 use crate::job::{JobRecord, JobSpec};
 
+pub mod clock;
 pub mod embedded;
 pub mod redis;
+
+pub use clock::Clock;
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
