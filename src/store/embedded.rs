@@ -563,11 +563,14 @@ impl<'t> W<'t> {
         if ag.jobs > 0 || ag.inflight > 0 || ag.pending > 0 {
             return self.put_aggr(a, &ag);
         }
+        // As Redis, which deletes the aggregation but not its rate key: it no longer
+        // waits for its rate; only the rate's state is kept while it matters.
+        self.set_member(true, a, false)?;
+        self.set_rate_wait(a, &mut ag, None)?;
         if ag.tat > self.now as f64 {
             self.idle.insert((ag.tat.ceil() as u64, a), ())?;
-            return self.put_aggr(a, &ag);
+            return Ok(());
         }
-        self.set_member(true, a, false)?;
         self.set_member(false, a, false)?;
         self.aggrs.remove(a)?;
         self.dirty = true;
