@@ -646,50 +646,6 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
-    /// Builds a record from the store's field map (as written by the store scripts).
-    pub fn from_fields(id: &str, f: &BTreeMap<String, String>) -> Result<JobRecord, String> {
-        let spec: JobSpec = serde_json::from_str(f.get("spec").ok_or("job has no spec")?)
-            .map_err(|e| format!("job {id}: corrupt spec: {e}"))?;
-        let s = |k: &str| f.get(k).cloned().unwrap_or_default();
-        let n = |k: &str| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        Ok(JobRecord {
-            id: id.to_string(),
-            spec,
-            download_state: s("dl_state"),
-            download_attempts: n("dl_attempts") as u32,
-            download_pauses: n("dl_pauses") as u32,
-            download_error: s("dl_error"),
-            response_code: n("response_code") as u16,
-            image_size: s("image_size"),
-            callback_state: s("cb_state"),
-            callback_attempts: n("cb_attempts") as u32,
-            callback_defers: n("cb_defers") as u32,
-            callback_error: s("cb_error"),
-            created_at: n("created_at"),
-            started_at: n("started_at"),
-            finished_at: n("finished_at"),
-            callback_at: n("cb_at"),
-            next_attempt_at: n("next_at"),
-            waiting_for: if f.get("dl_state").is_some_and(|s| s == state::PENDING)
-                && n("next_at") > 0
-            {
-                s("wait")
-            } else if f.get("cb_state").is_some_and(|s| s == state::PENDING)
-                && n("next_at") > 0
-                && f.contains_key("cb_wait")
-            {
-                CALLBACK_DESTINATION_WAIT.to_string()
-            } else {
-                String::new()
-            },
-            thumbnails_made: match f.get("thumbs").map(String::as_str) {
-                None | Some("") => Vec::new(),
-                Some(j) => serde_json::from_str(j)
-                    .map_err(|e| format!("job {id}: corrupt thumbnails: {e}"))?,
-            },
-        })
-    }
-
     /// Pending in its aggregation's queue (not delayed, not running).
     pub fn queued(&self) -> bool {
         self.download_state == state::PENDING && self.next_attempt_at == 0

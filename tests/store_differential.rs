@@ -204,7 +204,12 @@ fn submit() -> impl Strategy<Value = Submit> {
     (
         (0..IDS, 0..AGGRS.len(), any::<bool>(), 1..4u32),
         (
-            prop_oneof![Just(None), Just(Some(2.0)), Just(Some(10.0)), Just(Some(3.0))],
+            prop_oneof![
+                Just(None),
+                Just(Some(2.0)),
+                Just(Some(10.0)),
+                Just(Some(3.0))
+            ],
             prop_oneof![Just(None), Just(Some(1u32)), Just(Some(3u32))],
         ),
         (any::<bool>(), 0..HOSTS.len(), any::<bool>(), any::<bool>()),
@@ -354,7 +359,11 @@ impl Pair {
                         None => ClaimShares::default(),
                         Some((a, room, tenant)) => ClaimShares {
                             aggregations: vec![(AGGRS[*a].into(), *room)],
-                            tenants: if *tenant { vec![("t1".into(), *room)] } else { Vec::new() },
+                            tenants: if *tenant {
+                                vec![("t1".into(), *room)]
+                            } else {
+                                Vec::new()
+                            },
                         },
                     };
                     let r = s
@@ -367,7 +376,11 @@ impl Pair {
                         .await;
                     if let Ok((jobs, _)) = &r {
                         for c in jobs {
-                            new_leases[n].push((Queue::Download, c.job.id.clone(), c.token.clone()));
+                            new_leases[n].push((
+                                Queue::Download,
+                                c.job.id.clone(),
+                                c.token.clone(),
+                            ));
                         }
                     }
                     claims(&r)
@@ -378,13 +391,21 @@ impl Pair {
                         .await;
                     if let Ok((jobs, _)) = &r {
                         for c in jobs {
-                            new_leases[n].push((Queue::Callback, c.job.id.clone(), c.token.clone()));
+                            new_leases[n].push((
+                                Queue::Callback,
+                                c.job.id.clone(),
+                                c.token.clone(),
+                            ));
                         }
                     }
                     claims(&r)
                 }
                 Op::Renew { queue, lease, ms } => {
-                    let q = if *queue { Queue::Download } else { Queue::Callback };
+                    let q = if *queue {
+                        Queue::Download
+                    } else {
+                        Queue::Callback
+                    };
                     match self.lease(*lease, Some(q)) {
                         None => "no lease".into(),
                         Some(l) => {
@@ -402,33 +423,53 @@ impl Pair {
                     Some(l) => {
                         let r = DownloadResult {
                             success: *success,
-                            error: if *success { String::new() } else { "Received status code 404".into() },
+                            error: if *success {
+                                String::new()
+                            } else {
+                                "Received status code 404".into()
+                            },
                             response_code: if *success { 200 } else { 404 },
-                            image_size: if *success { "10x20".into() } else { String::new() },
+                            image_size: if *success {
+                                "10x20".into()
+                            } else {
+                                String::new()
+                            },
                             thumbnails: String::new(),
                         };
                         show(
-                            &s.finish_download(&l.id, &l.tokens[n], &r, Duration::from_millis(DELAYS[*keep]))
-                                .await,
+                            &s.finish_download(
+                                &l.id,
+                                &l.tokens[n],
+                                &r,
+                                Duration::from_millis(DELAYS[*keep]),
+                            )
+                            .await,
                         )
                     }
                 },
-                Op::RetryDownload { lease, delay } => match self.lease(*lease, Some(Queue::Download)) {
-                    None => "no lease".into(),
-                    Some(l) => {
-                        let r = DownloadResult {
-                            success: false,
-                            error: "Received status code 503".into(),
-                            response_code: 503,
-                            image_size: String::new(),
-                            thumbnails: String::new(),
-                        };
-                        show(
-                            &s.retry_download(&l.id, &l.tokens[n], &r, Duration::from_millis(DELAYS[*delay]))
+                Op::RetryDownload { lease, delay } => {
+                    match self.lease(*lease, Some(Queue::Download)) {
+                        None => "no lease".into(),
+                        Some(l) => {
+                            let r = DownloadResult {
+                                success: false,
+                                error: "Received status code 503".into(),
+                                response_code: 503,
+                                image_size: String::new(),
+                                thumbnails: String::new(),
+                            };
+                            show(
+                                &s.retry_download(
+                                    &l.id,
+                                    &l.tokens[n],
+                                    &r,
+                                    Duration::from_millis(DELAYS[*delay]),
+                                )
                                 .await,
-                        )
+                            )
+                        }
                     }
-                },
+                }
                 Op::DeferDownload {
                     lease,
                     delay,
@@ -468,55 +509,91 @@ impl Pair {
                             concurrency: *concurrency,
                         };
                         show(
-                            &s.host_permit(&l.id, &l.tokens[n], HOSTS[*host], limits, Duration::from_millis(LEASES[0]))
-                                .await,
+                            &s.host_permit(
+                                &l.id,
+                                &l.tokens[n],
+                                HOSTS[*host],
+                                limits,
+                                Duration::from_millis(LEASES[0]),
+                            )
+                            .await,
                         )
                     }
                 },
-                Op::PauseHost { host, ms } => {
-                    show(&s.pause_host(HOSTS[*host], Duration::from_millis(DELAYS[*ms].max(1))).await)
-                }
+                Op::PauseHost { host, ms } => show(
+                    &s.pause_host(HOSTS[*host], Duration::from_millis(DELAYS[*ms].max(1)))
+                        .await,
+                ),
                 Op::Release { queue, lease } => {
-                    let q = if *queue { Queue::Download } else { Queue::Callback };
+                    let q = if *queue {
+                        Queue::Download
+                    } else {
+                        Queue::Callback
+                    };
                     match self.lease(*lease, Some(q)) {
                         None => "no lease".into(),
                         Some(l) => show(&s.release(q, &l.id, &l.tokens[n]).await),
                     }
                 }
-                Op::FinishCallback { lease, keep } => match self.lease(*lease, Some(Queue::Callback)) {
-                    None => "no lease".into(),
-                    Some(l) => show(
-                        &s.finish_callback(&l.id, &l.tokens[n], Duration::from_millis(DELAYS[*keep]))
+                Op::FinishCallback { lease, keep } => {
+                    match self.lease(*lease, Some(Queue::Callback)) {
+                        None => "no lease".into(),
+                        Some(l) => show(
+                            &s.finish_callback(
+                                &l.id,
+                                &l.tokens[n],
+                                Duration::from_millis(DELAYS[*keep]),
+                            )
                             .await,
-                    ),
-                },
-                Op::RetryCallback { lease, delay } => match self.lease(*lease, Some(Queue::Callback)) {
-                    None => "no lease".into(),
-                    Some(l) => show(
-                        &s.retry_callback(&l.id, &l.tokens[n], "status 500", Duration::from_millis(DELAYS[*delay]))
+                        ),
+                    }
+                }
+                Op::RetryCallback { lease, delay } => {
+                    match self.lease(*lease, Some(Queue::Callback)) {
+                        None => "no lease".into(),
+                        Some(l) => show(
+                            &s.retry_callback(
+                                &l.id,
+                                &l.tokens[n],
+                                "status 500",
+                                Duration::from_millis(DELAYS[*delay]),
+                            )
                             .await,
-                    ),
-                },
+                        ),
+                    }
+                }
                 Op::FailCallback { lease } => match self.lease(*lease, Some(Queue::Callback)) {
                     None => "no lease".into(),
                     Some(l) => show(&s.fail_callback(&l.id, &l.tokens[n], "status 410").await),
                 },
-                Op::DeferCallback { lease, dest, delay } => match self.lease(*lease, Some(Queue::Callback)) {
-                    None => "no lease".into(),
-                    Some(l) => show(
-                        &s.defer_callback(&l.id, &l.tokens[n], DESTS[*dest], Duration::from_millis(DELAYS[*delay]))
+                Op::DeferCallback { lease, dest, delay } => {
+                    match self.lease(*lease, Some(Queue::Callback)) {
+                        None => "no lease".into(),
+                        Some(l) => show(
+                            &s.defer_callback(
+                                &l.id,
+                                &l.tokens[n],
+                                DESTS[*dest],
+                                Duration::from_millis(DELAYS[*delay]),
+                            )
                             .await,
-                    ),
-                },
-                Op::WakeCallbacks { dest, max } => show(&s.wake_callbacks(DESTS[*dest], *max).await),
-                Op::RequeueCallback { id: i } => show(&s.requeue_callback(&id(*i)).await),
-                Op::ExpireFailed { retention, limit } => {
-                    show(&s.expire_failed(Duration::from_millis(DELAYS[*retention]), *limit).await)
+                        ),
+                    }
                 }
+                Op::WakeCallbacks { dest, max } => {
+                    show(&s.wake_callbacks(DESTS[*dest], *max).await)
+                }
+                Op::RequeueCallback { id: i } => show(&s.requeue_callback(&id(*i)).await),
+                Op::ExpireFailed { retention, limit } => show(
+                    &s.expire_failed(Duration::from_millis(DELAYS[*retention]), *limit)
+                        .await,
+                ),
                 Op::Deletions { limit, forget } => {
                     let r = s.due_deletions(*limit).await;
                     if *forget && let Ok(ids) = &r {
-                        s.forget(ids).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        s.forget(ids)
+                            .await
+                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
                     }
                     show(&r)
                 }
@@ -526,7 +603,12 @@ impl Pair {
         if let Op::Advance(i) = op {
             self.clock.advance(Duration::from_millis(ADVANCES[*i]));
         }
-        prop_assert_eq!(&answers[0], &answers[1], "answers to {:?} (redis, embedded)", op);
+        prop_assert_eq!(
+            &answers[0],
+            &answers[1],
+            "answers to {:?} (redis, embedded)",
+            op
+        );
         let [r, e] = new_leases;
         prop_assert_eq!(r.len(), e.len());
         for ((q, id, tr), (_, _, te)) in r.into_iter().zip(e) {
@@ -546,12 +628,19 @@ impl Pair {
         let mut out = String::new();
         for i in 0..IDS {
             let j = s.get_job(&id(i)).await.map_err(fail)?;
-            out += &format!("{}: {}\n", id(i), j.as_ref().map(record).unwrap_or_default());
+            out += &format!(
+                "{}: {}\n",
+                id(i),
+                j.as_ref().map(record).unwrap_or_default()
+            );
         }
         let (page, total) = s.aggregations_page(0, 100).await.map_err(fail)?;
         out += &format!("aggregations {total}: {page:?}\n");
         out += &format!("pending {:?}\n", s.pending_summary(10).await.map_err(fail)?);
-        let failed = s.failed_callbacks(None, 100, &AggrFilter::All).await.map_err(fail)?;
+        let failed = s
+            .failed_callbacks(None, 100, &AggrFilter::All)
+            .await
+            .map_err(fail)?;
         out += &format!("failed {failed:?}\n");
         Ok(out)
     }

@@ -81,6 +81,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
 use super::clock::Clock;
+use super::schema::limit::{
+    ABANDONED_KEEP_MS, BATCH, MAX_LOST_LEASES, READY_TRIES, UNPARK_TRIES, WAKE_LOOK_FACTOR,
+};
+use super::schema::{field, per_queue};
 use super::{
     AggrFilter, AggrSettings, AggrSummary, ClaimShares, Claimed, DownloadResult,
     FAILED_SCAN_FACTOR, FailedCallback, FailedCursor, FailedPage, Full, HOST_PARK_FALLBACK,
@@ -89,14 +93,6 @@ use super::{
 };
 use crate::job::{JobRecord, JobSpec, state};
 
-/// As in the Redis backend: leases a job may lose before it is failed.
-const MAX_LOST_LEASES: i64 = 5;
-/// Due delayed entries promoted and expired leases recovered per claim (as in Redis).
-const BATCH: usize = 100;
-/// Ready aggregations tried per claim (as in Redis).
-const READY_TRIES: usize = 16;
-/// Deletion delay of a job without callback whose download was abandoned.
-const ABANDONED_KEEP_MS: u64 = 86_400_000;
 /// Host records looked at for idleness per download claim.
 const HOST_SWEEP: usize = 4;
 /// Most steps the writer applies in one transaction (one fsync).
@@ -123,7 +119,7 @@ const PENDING_TOTAL: &str = "pending_total";
 const STATS: TableDefinition<Str, (u64, Str)> = TableDefinition::new("stats");
 const RATEWAIT: TableDefinition<(u64, Str), ()> = TableDefinition::new("ratewait");
 const HOSTS: TableDefinition<Str, Str> = TableDefinition::new("hosts");
-const CB_WAIT: TableDefinition<(Str, i64), Str> = TableDefinition::new("cb_wait");
+const CB_WAIT: TableDefinition<(Str, i64), Str> = TableDefinition::new(field::CB_WAIT);
 
 type Fields = BTreeMap<String, String>;
 
@@ -248,7 +244,7 @@ fn set(f: &mut Fields, k: &str, v: impl ToString) {
 
 /// Whether the job holds a lease of `q` with exactly `token` (Redis: `HGET` == token).
 fn holds(f: &Fields, q: Str, token: &str) -> bool {
-    f.get(&format!("{q}_lease")).is_some_and(|t| t == token)
+    f.get(per_queue(q).lease).is_some_and(|t| t == token)
 }
 
 /// One write transaction's tables, the clock read at the start of the current step,
@@ -404,7 +400,7 @@ impl<'t> W<'t> {
             return Ok(());
         }
         let Some(spec) = f
-            .get("spec")
+            .get(field::SPEC)
             .and_then(|j| serde_json::from_str::<JobSpec>(j).ok())
         else {
             return Ok(());
@@ -500,12 +496,12 @@ impl<'t> W<'t> {
             host.slots.clear();
             // Entries of downloads no longer parked (they came back at their fallback
             // time) go; a host with a parked download stays.
-            for _ in 0..16 {
+            for _ in 0..UNPARK_TRIES {
                 let Some(w) = host.waiting.front() else { break };
                 let parked = self.job(w)?.is_some_and(|f| {
-                    f.get("wait")
+                    f.get(field::WAIT)
                         .is_some_and(|r| r == WaitReason::HostConcurrency.as_str())
-                        && f.contains_key("dl_delayed_at")
+                        && f.contains_key(field::DL_DELAYED_AT)
                 });
                 if parked {
                     break;
@@ -522,7 +518,7 @@ impl<'t> W<'t> {
     /// PRELUDE `free_host`: frees the host slot the download holds, if any, and wakes
     /// a download waiting for it (PRELUDE `unpark`).
     fn free_host(&mut self, id: &str, f: &mut Fields) -> R<()> {
-        if let Some(h) = f.remove("host") {
+        if let Some(h) = f.remove(field::HOST) {
             let mut host = self.host(&h)?;
             host.slots.remove(id);
             self.unpark(&mut host)?;
@@ -534,18 +530,18 @@ impl<'t> W<'t> {
     /// Makes one download parked for `host`'s concurrency due now; entries of jobs no
     /// longer parked are dropped on the way.
     fn unpark(&mut self, host: &mut Host) -> R<()> {
-        for _ in 0..16 {
+        for _ in 0..UNPARK_TRIES {
             let Some(w) = host.waiting.pop_front() else {
                 return Ok(());
             };
             let Some(mut f) = self.job(&w)? else { continue };
             let parked = f
-                .get("wait")
+                .get(field::WAIT)
                 .is_some_and(|r| r == WaitReason::HostConcurrency.as_str());
-            if parked && f.contains_key("dl_delayed_at") {
+            if parked && f.contains_key(field::DL_DELAYED_AT) {
                 let now = self.now;
                 self.zadd(false, "dl", &w, &mut f, now)?;
-                set(&mut f, "next_at", now);
+                set(&mut f, field::NEXT_AT, now);
                 self.put_job(&w, &f)?;
                 self.wake(Queue::Download);
                 return Ok(());
@@ -666,15 +662,27 @@ impl<'t> W<'t> {
             &mut self.delayed
         };
         t.insert((q, score, id), ())?;
-        let field = if lease { "lease_exp" } else { "delayed_at" };
-        set(f, &format!("{q}_{field}"), score);
+        let names = per_queue(q);
+        set(
+            f,
+            if lease {
+                names.lease_exp
+            } else {
+                names.delayed_at
+            },
+            score,
+        );
         self.dirty = true;
         Ok(())
     }
 
     fn zrem(&mut self, lease: bool, q: Str, id: &str, f: &mut Fields) -> R<()> {
-        let field = if lease { "lease_exp" } else { "delayed_at" };
-        if let Some(old) = f.remove(&format!("{q}_{field}")) {
+        let names = per_queue(q);
+        if let Some(old) = f.remove(if lease {
+            names.lease_exp
+        } else {
+            names.delayed_at
+        }) {
             let old: u64 = old.parse().map_err(corrupt)?;
             let t = if lease {
                 &mut self.leases
@@ -723,12 +731,12 @@ impl<'t> W<'t> {
     }
 
     fn schedule_deletion(&mut self, id: &str, f: &mut Fields, at: u64) -> R<()> {
-        if let Some(old) = f.remove("del_at") {
+        if let Some(old) = f.remove(field::DEL_AT) {
             let old: u64 = old.parse().map_err(corrupt)?;
             self.deletions.remove((old, id))?;
         }
         self.deletions.insert((at, id), ())?;
-        set(f, "del_at", at);
+        set(f, field::DEL_AT, at);
         self.dirty = true;
         Ok(())
     }
@@ -737,13 +745,13 @@ impl<'t> W<'t> {
     fn add_failed(&mut self, id: &str, f: &mut Fields) -> R<()> {
         self.remove_failed(id, f)?;
         self.failed.insert((self.now, id), ())?;
-        set(f, "failed_at", self.now);
+        set(f, field::FAILED_AT, self.now);
         self.dirty = true;
         Ok(())
     }
 
     fn remove_failed(&mut self, id: &str, f: &mut Fields) -> R<()> {
-        if let Some(at) = f.remove("failed_at") {
+        if let Some(at) = f.remove(field::FAILED_AT) {
             let at: u64 = at.parse().map_err(corrupt)?;
             self.failed.remove((at, id))?;
             self.dirty = true;
@@ -754,7 +762,7 @@ impl<'t> W<'t> {
     /// Parks callback `id` on `dest` (`RPUSH cbwait:<dest>`), unless it is parked
     /// there already: it keeps its place (the caller saves `f`).
     fn park_callback(&mut self, id: &str, f: &mut Fields, dest: &str) -> R<()> {
-        if f.get("cb_wait").is_some_and(|d| d == dest) {
+        if f.get(field::CB_WAIT).is_some_and(|d| d == dest) {
             return Ok(());
         }
         self.unpark_entry(id, f)?;
@@ -766,18 +774,18 @@ impl<'t> W<'t> {
             .map(|(k, _)| k.value().1);
         let seq = last.map_or(0, |s| s + 1);
         self.cb_wait.insert((dest, seq), id)?;
-        set(f, "cb_wait", dest);
-        set(f, "cb_wait_seq", seq);
+        set(f, field::CB_WAIT, dest);
+        set(f, field::CB_WAIT_SEQ, seq);
         self.dirty = true;
         Ok(())
     }
 
     /// Removes the callback's `cb_wait` entry, if it has one (the caller saves `f`).
     fn unpark_entry(&mut self, id: &str, f: &mut Fields) -> R<()> {
-        let Some(dest) = f.remove("cb_wait") else {
+        let Some(dest) = f.remove(field::CB_WAIT) else {
             return Ok(());
         };
-        if let Some(seq) = f.remove("cb_wait_seq") {
+        if let Some(seq) = f.remove(field::CB_WAIT_SEQ) {
             let seq: i64 = seq.parse().map_err(corrupt)?;
             if self
                 .cb_wait
@@ -793,9 +801,9 @@ impl<'t> W<'t> {
 
     /// PRELUDE `enqueue_callback` (the caller saves `f`).
     fn enqueue_callback(&mut self, id: &str, f: &mut Fields, keep: u64) -> R<()> {
-        if f.get("has_cb").is_some_and(|v| v == "1") {
-            set(f, "cb_state", state::PENDING);
-            set(f, "cb_attempts", 0);
+        if f.get(field::HAS_CB).is_some_and(|v| v == "1") {
+            set(f, field::CB_STATE, state::PENDING);
+            set(f, field::CB_ATTEMPTS, 0);
             self.push_callback(id, false)?;
             self.wake(Queue::Callback);
         } else {
@@ -1002,7 +1010,7 @@ impl Inner {
 }
 
 fn claimed(id: &str, f: &Fields, token: &str, proxy: String) -> R<Claimed> {
-    let job = JobRecord::from_fields(id, f).map_err(corrupt)?;
+    let job = super::schema::record(id, f).map_err(corrupt)?;
     Ok(Claimed {
         job,
         token: token.to_string(),
@@ -1038,12 +1046,12 @@ fn claim_downloads(
         w.delayed.remove(("dl", at, id.as_str()))?;
         w.dirty = true;
         let Some(mut f) = w.job(&id)? else { continue };
-        f.remove("dl_delayed_at");
-        let Some(a) = f.get("aggr").cloned() else {
+        f.remove(field::DL_DELAYED_AT);
+        let Some(a) = f.get(field::AGGR).cloned() else {
             w.put_job(&id, &f)?;
             continue;
         };
-        set(&mut f, "next_at", 0);
+        set(&mut f, field::NEXT_AT, 0);
         w.put_job(&id, &f)?;
         w.revive(&a, &f)?;
         w.push_pending(&a, &id, false)?;
@@ -1053,28 +1061,28 @@ fn claim_downloads(
         w.leases.remove(("dl", exp, id.as_str()))?;
         w.dirty = true;
         let Some(mut f) = w.job(&id)? else { continue };
-        f.remove("dl_lease_exp");
-        let Some(a) = f.get("aggr").cloned() else {
+        f.remove(field::DL_LEASE_EXP);
+        let Some(a) = f.get(field::AGGR).cloned() else {
             w.put_job(&id, &f)?;
             continue;
         };
-        f.remove("dl_lease");
+        f.remove(field::DL_LEASE);
         w.free_host(&id, &mut f)?;
-        incr(&mut f, "dl_attempts", -1);
-        let lost = incr(&mut f, "dl_lost", 1);
+        incr(&mut f, field::DL_ATTEMPTS, -1);
+        let lost = incr(&mut f, field::DL_LOST, 1);
         w.dec_inflight(&a)?;
         if lost > MAX_LOST_LEASES {
-            set(&mut f, "dl_state", state::FAILED);
-            set(&mut f, "finished_at", now);
+            set(&mut f, field::DL_STATE, state::FAILED);
+            set(&mut f, field::FINISHED_AT, now);
             set(
                 &mut f,
-                "dl_error",
+                field::DL_ERROR,
                 format!("download abandoned: the worker running it was lost {lost} times"),
             );
             w.end_job(&a)?;
             w.enqueue_callback(&id, &mut f, ABANDONED_KEEP_MS)?;
         } else {
-            set(&mut f, "dl_state", state::PENDING);
+            set(&mut f, field::DL_STATE, state::PENDING);
             w.push_pending(&a, &id, true)?;
         }
         w.put_job(&id, &f)?;
@@ -1130,14 +1138,14 @@ fn claim_downloads(
             };
             // A job whose host an origin paused waits out the pause in `delayed` (not
             // an attempt) instead of being handed out.
-            let paused = match f.get("url_host") {
+            let paused = match f.get(field::URL_HOST) {
                 Some(h) => w.host(h)?.pause_until,
                 None => 0,
             };
             if paused > now {
-                set(&mut f, "dl_state", state::PENDING);
-                set(&mut f, "wait", WaitReason::HostPaused.as_str());
-                set(&mut f, "next_at", paused);
+                set(&mut f, field::DL_STATE, state::PENDING);
+                set(&mut f, field::WAIT, WaitReason::HostPaused.as_str());
+                set(&mut f, field::NEXT_AT, paused);
                 w.zadd(false, "dl", &id, &mut f, paused)?;
                 w.put_job(&id, &f)?;
                 w.refresh(&a)?;
@@ -1148,11 +1156,11 @@ fn claim_downloads(
             w.put_aggr(&a, &ag)?;
             w.refresh(&a)?;
             w.zadd(true, "dl", &id, &mut f, now.saturating_add(lease))?;
-            f.remove("wait");
-            set(&mut f, "dl_state", state::IN_PROGRESS);
-            set(&mut f, "dl_lease", token);
-            set(&mut f, "started_at", now);
-            incr(&mut f, "dl_attempts", 1);
+            f.remove(field::WAIT);
+            set(&mut f, field::DL_STATE, state::IN_PROGRESS);
+            set(&mut f, field::DL_LEASE, token);
+            set(&mut f, field::STARTED_AT, now);
+            incr(&mut f, field::DL_ATTEMPTS, 1);
             w.put_job(&id, &f)?;
             out.push(claimed(&id, &f, token, ag.proxy)?);
             rooms.took(&a);
@@ -1181,8 +1189,8 @@ fn claim_callbacks(
         w.delayed.remove(("cb", at, id.as_str()))?;
         w.dirty = true;
         let Some(mut f) = w.job(&id)? else { continue };
-        f.remove("cb_delayed_at");
-        set(&mut f, "next_at", 0);
+        f.remove(field::CB_DELAYED_AT);
+        set(&mut f, field::NEXT_AT, 0);
         w.put_job(&id, &f)?;
         w.push_callback(&id, false)?;
     }
@@ -1190,21 +1198,21 @@ fn claim_callbacks(
         w.leases.remove(("cb", exp, id.as_str()))?;
         w.dirty = true;
         let Some(mut f) = w.job(&id)? else { continue };
-        f.remove("cb_lease_exp");
-        f.remove("cb_lease");
-        incr(&mut f, "cb_attempts", -1);
-        let lost = incr(&mut f, "cb_lost", 1);
+        f.remove(field::CB_LEASE_EXP);
+        f.remove(field::CB_LEASE);
+        incr(&mut f, field::CB_ATTEMPTS, -1);
+        let lost = incr(&mut f, field::CB_LOST, 1);
         if lost > MAX_LOST_LEASES {
-            set(&mut f, "cb_state", state::FAILED);
-            set(&mut f, "cb_at", now);
+            set(&mut f, field::CB_STATE, state::FAILED);
+            set(&mut f, field::CB_AT, now);
             set(
                 &mut f,
-                "cb_error",
+                field::CB_ERROR,
                 format!("callback abandoned: the worker running it was lost {lost} times"),
             );
             w.add_failed(&id, &mut f)?;
         } else {
-            set(&mut f, "cb_state", state::PENDING);
+            set(&mut f, field::CB_STATE, state::PENDING);
             w.push_callback(&id, true)?;
         }
         w.put_job(&id, &f)?;
@@ -1215,9 +1223,9 @@ fn claim_callbacks(
         let Some(id) = w.pop_callback()? else { break };
         let Some(mut f) = w.job(&id)? else { continue };
         w.zadd(true, "cb", &id, &mut f, now.saturating_add(lease))?;
-        set(&mut f, "cb_state", state::IN_PROGRESS);
-        set(&mut f, "cb_lease", token);
-        incr(&mut f, "cb_attempts", 1);
+        set(&mut f, field::CB_STATE, state::IN_PROGRESS);
+        set(&mut f, field::CB_LEASE, token);
+        incr(&mut f, field::CB_ATTEMPTS, 1);
         w.put_job(&id, &f)?;
         out.push(claimed(&id, &f, token, String::new())?);
     }
@@ -1247,32 +1255,32 @@ fn requeue_download(
     }
     let at = w.now.saturating_add(delay);
     w.zrem(true, "dl", id, &mut f)?;
-    f.remove("dl_lease");
+    f.remove(field::DL_LEASE);
     w.free_host(id, &mut f)?;
     if let Some(reason) = reason {
-        incr(&mut f, "dl_attempts", -1);
-        set(&mut f, "wait", reason.as_str());
+        incr(&mut f, field::DL_ATTEMPTS, -1);
+        set(&mut f, field::WAIT, reason.as_str());
         if reason == WaitReason::HostPaused {
-            incr(&mut f, "dl_pauses", 1);
+            incr(&mut f, field::DL_PAUSES, 1);
         }
     }
     if let Some(r) = r {
-        set(&mut f, "dl_error", &r.error);
-        set(&mut f, "response_code", r.response_code);
+        set(&mut f, field::DL_ERROR, &r.error);
+        set(&mut f, field::RESPONSE_CODE, r.response_code);
     }
     // Refused for its host's concurrency: parked until a slot of the host is freed
     // (`delay` is only the fallback).
-    if let Some(h) = f.remove("host_wait")
+    if let Some(h) = f.remove(field::HOST_WAIT)
         && reason == Some(WaitReason::HostConcurrency)
     {
         let mut host = w.host(&h)?;
         host.waiting.push_back(id.to_string());
         w.put_host(&h, &host)?;
     }
-    set(&mut f, "dl_state", state::PENDING);
-    set(&mut f, "next_at", at);
+    set(&mut f, field::DL_STATE, state::PENDING);
+    set(&mut f, field::NEXT_AT, at);
     w.zadd(false, "dl", id, &mut f, at)?;
-    let a = f.get("aggr").cloned().unwrap_or_default();
+    let a = f.get(field::AGGR).cloned().unwrap_or_default();
     w.free_slot(&a)?;
     // A sleeping processor re-reads the earliest due time.
     w.wake(Queue::Download);
@@ -1290,22 +1298,22 @@ fn end_callback(w: &mut W<'_>, id: &str, token: &str, st: &str, err: &str, delay
     }
     let now = w.now;
     w.zrem(true, "cb", id, &mut f)?;
-    f.remove("cb_lease");
+    f.remove(field::CB_LEASE);
     // An attempt ended: no longer parked.
     w.unpark_entry(id, &mut f)?;
-    f.remove("cb_defers");
-    set(&mut f, "cb_state", st);
-    set(&mut f, "cb_error", err);
+    f.remove(field::CB_DEFERS);
+    set(&mut f, field::CB_STATE, st);
+    set(&mut f, field::CB_ERROR, err);
     if st == state::SUCCESS {
-        set(&mut f, "cb_at", now);
+        set(&mut f, field::CB_AT, now);
         w.schedule_deletion(id, &mut f, now.saturating_add(delay))?;
     } else if st == state::PENDING {
         let at = now.saturating_add(delay);
-        set(&mut f, "next_at", at);
+        set(&mut f, field::NEXT_AT, at);
         w.zadd(false, "cb", id, &mut f, at)?;
         w.wake(Queue::Callback);
     } else {
-        set(&mut f, "cb_at", now);
+        set(&mut f, field::CB_AT, now);
         w.add_failed(id, &mut f)?;
     }
     w.put_job(id, &f)?;
@@ -1465,17 +1473,17 @@ impl Store for EmbeddedStore {
                 w.put_aggr(a, &ag)?;
             }
             let mut f = Fields::new();
-            set(&mut f, "spec", &json);
-            set(&mut f, "aggr", a);
+            set(&mut f, field::SPEC, &json);
+            set(&mut f, field::AGGR, a);
             set(
                 &mut f,
-                "has_cb",
+                field::HAS_CB,
                 if spec.callback.is_some() { 1 } else { 0 },
             );
-            set(&mut f, "dl_state", state::PENDING);
-            set(&mut f, "dl_attempts", 0);
-            set(&mut f, "created_at", w.now);
-            set(&mut f, "url_host", spec.host());
+            set(&mut f, field::DL_STATE, state::PENDING);
+            set(&mut f, field::DL_ATTEMPTS, 0);
+            set(&mut f, field::CREATED_AT, w.now);
+            set(&mut f, field::URL_HOST, spec.host());
             w.put_job(&id, &f)?;
             w.push_pending(a, &id, false)?;
             if w.refresh(a)? {
@@ -1541,12 +1549,12 @@ impl Store for EmbeddedStore {
                     continue;
                 }
                 // ZADD XX: only an existing lease entry is moved.
-                if f.contains_key(&format!("{q}_lease_exp")) {
+                if f.contains_key(per_queue(q).lease_exp) {
                     w.zadd(true, q, id, &mut f, expiry)?;
                     w.put_job(id, &f)?;
                 }
                 if q == "dl"
-                    && let Some(h) = f.get("host")
+                    && let Some(h) = f.get(field::HOST)
                 {
                     let mut host = w.host(h)?;
                     if let Some(exp) = host.slots.get_mut(id.as_str()) {
@@ -1578,20 +1586,20 @@ impl Store for EmbeddedStore {
             }
             let now = w.now;
             w.zrem(true, "dl", &id, &mut f)?;
-            f.remove("dl_lease");
+            f.remove(field::DL_LEASE);
             w.free_host(&id, &mut f)?;
             let st = if r.success {
                 state::SUCCESS
             } else {
                 state::FAILED
             };
-            set(&mut f, "dl_state", st);
-            set(&mut f, "dl_error", &r.error);
-            set(&mut f, "response_code", r.response_code);
-            set(&mut f, "image_size", &r.image_size);
-            set(&mut f, "thumbs", &r.thumbnails);
-            set(&mut f, "finished_at", now);
-            let a = f.get("aggr").cloned().unwrap_or_default();
+            set(&mut f, field::DL_STATE, st);
+            set(&mut f, field::DL_ERROR, &r.error);
+            set(&mut f, field::RESPONSE_CODE, r.response_code);
+            set(&mut f, field::IMAGE_SIZE, &r.image_size);
+            set(&mut f, field::THUMBS, &r.thumbnails);
+            set(&mut f, field::FINISHED_AT, now);
+            let a = f.get(field::AGGR).cloned().unwrap_or_default();
             w.free_slot(&a)?;
             w.end_job(&a)?;
             w.enqueue_callback(&id, &mut f, keep)?;
@@ -1650,7 +1658,7 @@ impl Store for EmbeddedStore {
                 {
                     w.put_host(&h, &host)?;
                     // Deferring it parks it on the host (requeue_download).
-                    set(&mut f, "host_wait", &h);
+                    set(&mut f, field::HOST_WAIT, &h);
                     w.put_job(&id, &f)?;
                     return Ok(wait(
                         millis(HOST_PARK_FALLBACK),
@@ -1660,11 +1668,11 @@ impl Store for EmbeddedStore {
             }
             if limits.rate > 0.0 {
                 // A job refused earlier comes back at the slot it booked then.
-                let booked = num(&f, "host_slot").max(0) as u64;
+                let booked = num(&f, field::HOST_SLOT).max(0) as u64;
                 if booked > now {
                     return Ok(wait(booked - now, WaitReason::HostRate));
                 }
-                f.remove("host_slot");
+                f.remove(field::HOST_SLOT);
                 // A booking long past (the job waited for something else since) is
                 // stale: the rate is asked again rather than letting such jobs through
                 // together.
@@ -1672,7 +1680,7 @@ impl Store for EmbeddedStore {
                     let (allowed, at) = gcra(&mut host.tat, limits.rate, limits.burst, now, true);
                     if !allowed {
                         let when = at.ceil() as u64;
-                        set(&mut f, "host_slot", when);
+                        set(&mut f, field::HOST_SLOT, when);
                         w.put_host(&h, &host)?;
                         w.put_job(&id, &f)?;
                         return Ok(wait(when - now, WaitReason::HostRate));
@@ -1681,7 +1689,7 @@ impl Store for EmbeddedStore {
             }
             if limits.concurrency > 0 {
                 host.slots.insert(id.clone(), now.saturating_add(lease));
-                set(&mut f, "host", &h);
+                set(&mut f, field::HOST, &h);
             }
             w.put_host(&h, &host)?;
             w.put_job(&id, &f)?;
@@ -1725,17 +1733,17 @@ impl Store for EmbeddedStore {
                 return Ok(false);
             }
             w.zrem(true, q, &id, &mut f)?;
-            f.remove(&format!("{q}_lease"));
+            f.remove(per_queue(q).lease);
             if queue == Queue::Download {
                 w.free_host(&id, &mut f)?;
             }
-            let attempts = format!("{q}_attempts");
+            let attempts = per_queue(q).attempts;
             incr(&mut f, &attempts, -1);
-            set(&mut f, &format!("{q}_state"), state::PENDING);
+            set(&mut f, per_queue(q).state, state::PENDING);
             w.put_job(&id, &f)?;
             match queue {
                 Queue::Download => {
-                    let a = f.get("aggr").cloned().unwrap_or_default();
+                    let a = f.get(field::AGGR).cloned().unwrap_or_default();
                     w.push_pending(&a, &id, true)?;
                     w.free_slot(&a)?;
                 }
@@ -1800,12 +1808,12 @@ impl Store for EmbeddedStore {
             }
             let at = w.now.saturating_add(delay);
             w.zrem(true, "cb", &id, &mut f)?;
-            f.remove("cb_lease");
-            incr(&mut f, "cb_attempts", -1);
-            incr(&mut f, "cb_defers", 1);
+            f.remove(field::CB_LEASE);
+            incr(&mut f, field::CB_ATTEMPTS, -1);
+            incr(&mut f, field::CB_DEFERS, 1);
             w.park_callback(&id, &mut f, &dest)?;
-            set(&mut f, "cb_state", state::PENDING);
-            set(&mut f, "next_at", at);
+            set(&mut f, field::CB_STATE, state::PENDING);
+            set(&mut f, field::NEXT_AT, at);
             w.zadd(false, "cb", &id, &mut f, at)?;
             w.put_job(&id, &f)?;
             Ok(true)
@@ -1822,7 +1830,7 @@ impl Store for EmbeddedStore {
         self.write(move |w| {
             let mut woken = Vec::new();
             let mut looked = 0;
-            while woken.len() < max && looked < 16 * max {
+            while woken.len() < max && looked < WAKE_LOOK_FACTOR * max {
                 let first = w
                     .cb_wait
                     .range((dest.as_str(), i64::MIN)..=(dest.as_str(), i64::MAX))?
@@ -1834,19 +1842,20 @@ impl Store for EmbeddedStore {
                 w.cb_wait.remove((dest.as_str(), seq))?;
                 w.dirty = true;
                 let Some(mut f) = w.job(&id)? else { continue };
-                let mine = f.get("cb_wait").is_some_and(|d| *d == dest)
-                    && f.get("cb_wait_seq").is_some_and(|s| *s == seq.to_string());
+                let mine = f.get(field::CB_WAIT).is_some_and(|d| *d == dest)
+                    && f.get(field::CB_WAIT_SEQ)
+                        .is_some_and(|s| *s == seq.to_string());
                 if !mine {
                     continue;
                 }
-                f.remove("cb_wait");
-                f.remove("cb_wait_seq");
-                let parked = f.get("cb_state").is_some_and(|s| s == state::PENDING)
-                    && f.contains_key("cb_delayed_at");
+                f.remove(field::CB_WAIT);
+                f.remove(field::CB_WAIT_SEQ);
+                let parked = f.get(field::CB_STATE).is_some_and(|s| s == state::PENDING)
+                    && f.contains_key(field::CB_DELAYED_AT);
                 if parked {
                     w.zrem(false, "cb", &id, &mut f)?;
-                    set(&mut f, "next_at", 0);
-                    f.remove("cb_defers");
+                    set(&mut f, field::NEXT_AT, 0);
+                    f.remove(field::CB_DEFERS);
                     woken.push(id.clone());
                 }
                 w.put_job(&id, &f)?;
@@ -1868,20 +1877,20 @@ impl Store for EmbeddedStore {
             let Some(mut f) = w.job(&id)? else {
                 return Ok(RetryCallback::NotFound);
             };
-            let st = f.get("cb_state").cloned().unwrap_or_default();
+            let st = f.get(field::CB_STATE).cloned().unwrap_or_default();
             if st != state::FAILED {
                 return Ok(RetryCallback::NotFailed(st));
             }
             // Past notifier.failed_retention: its deletion is under way.
-            if f.contains_key("del_at") {
+            if f.contains_key(field::DEL_AT) {
                 return Ok(RetryCallback::NotFailed("Expired".into()));
             }
             w.remove_failed(&id, &mut f)?;
-            set(&mut f, "cb_state", state::PENDING);
-            set(&mut f, "cb_attempts", 0);
-            set(&mut f, "cb_lost", 0);
+            set(&mut f, field::CB_STATE, state::PENDING);
+            set(&mut f, field::CB_ATTEMPTS, 0);
+            set(&mut f, field::CB_LOST, 0);
             w.unpark_entry(&id, &mut f)?;
-            f.remove("cb_defers");
+            f.remove(field::CB_DEFERS);
             w.put_job(&id, &f)?;
             w.push_callback(&id, false)?;
             w.wake(Queue::Callback);
@@ -1949,15 +1958,15 @@ impl Store for EmbeddedStore {
                     });
                     let Some(v) = jobs.get(id)? else { continue };
                     let f: Fields = serde_json::from_str(v.value()).map_err(corrupt)?;
-                    let aggr = f.get("aggr").cloned().unwrap_or_default();
+                    let aggr = f.get(field::AGGR).cloned().unwrap_or_default();
                     if filter.matches(&aggr) {
                         page.items.push(FailedCallback {
                             id: id.to_string(),
                             aggr,
                             failed_at: at,
-                            error: f.get("cb_error").cloned().unwrap_or_default(),
+                            error: f.get(field::CB_ERROR).cloned().unwrap_or_default(),
                             attempts: f
-                                .get("cb_attempts")
+                                .get(field::CB_ATTEMPTS)
                                 .and_then(|a| a.parse().ok())
                                 .unwrap_or(0),
                         });
@@ -2007,7 +2016,7 @@ impl Store for EmbeddedStore {
         self.write(move |w| {
             for id in &ids {
                 let Some(mut f) = w.job(id)? else { continue };
-                if let Some(at) = f.remove("del_at") {
+                if let Some(at) = f.remove(field::DEL_AT) {
                     let at: u64 = at.parse().map_err(corrupt)?;
                     w.deletions.remove((at, id.as_str()))?;
                 }
@@ -2030,7 +2039,7 @@ impl Store for EmbeddedStore {
                     return Ok(None);
                 };
                 let f: Fields = serde_json::from_str(v.value()).map_err(corrupt)?;
-                let mut rec = JobRecord::from_fields(&id, &f).map_err(corrupt)?;
+                let mut rec = super::schema::record(&id, &f).map_err(corrupt)?;
                 if rec.queued()
                     && let Some(v) = tx.open_table(AGGRS)?.get(rec.spec.aggr_key().as_str())?
                 {

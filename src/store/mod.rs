@@ -13,6 +13,7 @@ use crate::job::{JobRecord, JobSpec};
 pub mod clock;
 pub mod embedded;
 pub mod redis;
+pub mod schema;
 
 pub use clock::Clock;
 
@@ -110,7 +111,7 @@ pub enum WaitReason {
 }
 
 impl WaitReason {
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             WaitReason::AggrRate => "aggr_rate",
             WaitReason::HostPaused => "host_paused",
@@ -549,11 +550,13 @@ pub fn gcra(tat: &mut f64, rate: f64, burst: u32, now: u64, reserve: bool) -> (b
     if at > now && !reserve {
         return (false, at);
     }
-    *tat = start + t;
+    let new = start + t;
+    // Kept as the Redis scripts keep it: a string with three decimals.
+    *tat = format!("{new:.3}").parse().unwrap_or(new);
     if at > now {
         (false, at)
     } else {
-        (true, *tat - tolerance)
+        (true, new - tolerance)
     }
 }
 

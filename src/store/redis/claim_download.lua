@@ -1,92 +1,92 @@
-local lease, token, max_lost, keep, max = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local lease, token, max = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
-for _, a in ipairs(redis.call('ZRANGEBYSCORE', P..'ratewait', '-inf', now, 'LIMIT', 0, 100)) do
-  redis.call('ZREM', P..'ratewait', a)
+for _, a in ipairs(redis.call('ZRANGEBYSCORE', P..K.RATEWAIT, '-inf', now, 'LIMIT', 0, C.BATCH)) do
+  redis.call('ZREM', P..K.RATEWAIT, a)
   refresh(a)
 end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', P..'dl:delayed', '-inf', now, 'LIMIT', 0, 100)) do
-  redis.call('ZREM', P..'dl:delayed', id)
-  local a = redis.call('HGET', P..'job:'..id, 'aggr')
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P..K.DL_DELAYED, '-inf', now, 'LIMIT', 0, C.BATCH)) do
+  redis.call('ZREM', P..K.DL_DELAYED, id)
+  local a = redis.call('HGET', P..K.JOB..id, F.AGGR)
   if a then
-    revive(a, P..'job:'..id)
-    redis.call('HSET', P..'job:'..id, 'next_at', 0)
-    redis.call('RPUSH', P..'pending:'..a, id)
+    revive(a, P..K.JOB..id)
+    redis.call('HSET', P..K.JOB..id, F.NEXT_AT, 0)
+    redis.call('RPUSH', P..K.PENDING..a, id)
     refresh(a)
   end
 end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', P..'dl:leases', '-inf', now, 'LIMIT', 0, 100)) do
-  redis.call('ZREM', P..'dl:leases', id)
-  local k = P..'job:'..id
-  local a = redis.call('HGET', k, 'aggr')
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P..K.DL_LEASES, '-inf', now, 'LIMIT', 0, C.BATCH)) do
+  redis.call('ZREM', P..K.DL_LEASES, id)
+  local k = P..K.JOB..id
+  local a = redis.call('HGET', k, F.AGGR)
   if a then
-    redis.call('HDEL', k, 'dl_lease')
+    redis.call('HDEL', k, F.DL_LEASE)
     free_host(k, id)
-    redis.call('HINCRBY', k, 'dl_attempts', -1)
-    local lost = redis.call('HINCRBY', k, 'dl_lost', 1)
-    local ak = P..'aggr:'..a
-    if redis.call('HINCRBY', ak, 'inflight', -1) < 0 then redis.call('HSET', ak, 'inflight', 0) end
-    if lost > max_lost then
-      redis.call('HSET', k, 'dl_state', 'Failed', 'finished_at', n2s(now),
-        'dl_error', 'download abandoned: the worker running it was lost ' .. lost .. ' times')
+    redis.call('HINCRBY', k, F.DL_ATTEMPTS, -1)
+    local lost = redis.call('HINCRBY', k, F.DL_LOST, 1)
+    local ak = P..K.AGGR..a
+    if redis.call('HINCRBY', ak, A.INFLIGHT, -1) < 0 then redis.call('HSET', ak, A.INFLIGHT, 0) end
+    if lost > C.MAX_LOST_LEASES then
+      redis.call('HSET', k, F.DL_STATE, S.FAILED, F.FINISHED_AT, n2s(now),
+        F.DL_ERROR, 'download abandoned: the worker running it was lost ' .. lost .. ' times')
       end_job(a)
-      enqueue_callback(id, now, keep)
+      enqueue_callback(id, now, C.ABANDONED_KEEP_MS)
     else
-      redis.call('HSET', k, 'dl_state', 'Pending')
-      redis.call('LPUSH', P..'pending:'..a, id)
+      redis.call('HSET', k, F.DL_STATE, S.PENDING)
+      redis.call('LPUSH', P..K.PENDING..a, id)
     end
     refresh(a)
   end
 end
-local any_pause = (tonumber(redis.call('GET', P..'hostpauses') or '0') or 0) > now
+local any_pause = (tonumber(redis.call('GET', P..K.HOST_PAUSES) or '0') or 0) > now
 local out = {}
 -- Takes one job of aggregation `a` if it may give one now; true when it did.
 local function claim_one(a)
-  local ak = P..'aggr:'..a
-  local limit = tonumber(redis.call('HGET', ak, 'limit') or '1')
-  local inflight = tonumber(redis.call('HGET', ak, 'inflight') or '0')
+  local ak = P..K.AGGR..a
+  local limit = tonumber(redis.call('HGET', ak, A.LIMIT) or '1')
+  local inflight = tonumber(redis.call('HGET', ak, A.INFLIGHT) or '0')
   local id = false
-  if inflight < limit and redis.call('LLEN', P..'pending:'..a) > 0 then
-    local rate = tonumber(redis.call('HGET', ak, 'rate') or '0') or 0
+  if inflight < limit and redis.call('LLEN', P..K.PENDING..a) > 0 then
+    local rate = tonumber(redis.call('HGET', ak, A.RATE) or '0') or 0
     local allowed, at = true, now
     if rate > 0 then
-      allowed, at = gcra(P..'rate:'..a, rate, tonumber(redis.call('HGET', ak, 'burst') or '1') or 1, now, false)
+      allowed, at = gcra(P..K.RATE..a, rate, tonumber(redis.call('HGET', ak, A.BURST) or '1') or 1, now, false)
     end
     if allowed then
-      id = redis.call('LPOP', P..'pending:'..a)
+      id = redis.call('LPOP', P..K.PENDING..a)
       -- The next one is not allowed yet: wait for it out of `ready` right away.
-      if at > now then redis.call('ZADD', P..'ratewait', n2s(math.ceil(at)), a) end
+      if at > now then redis.call('ZADD', P..K.RATEWAIT, n2s(math.ceil(at)), a) end
     else
       -- Waits out of `ready` (refresh below), holding no slot; claims come back then.
-      redis.call('ZADD', P..'ratewait', n2s(math.ceil(at)), a)
+      redis.call('ZADD', P..K.RATEWAIT, n2s(math.ceil(at)), a)
     end
   end
   -- A job forgotten while queued: the entry is dropped, the claim looks further.
-  if id and redis.call('EXISTS', P..'job:'..id) == 0 then id = false end
+  if id and redis.call('EXISTS', P..K.JOB..id) == 0 then id = false end
   -- A job whose host an origin paused waits out the pause in `dl:delayed` (not an
   -- attempt) instead of being handed out. (Looked up only while some host is paused.)
-  local paused = id and any_pause and pause_left(redis.call('HGET', P..'job:'..id, 'url_host') or '', now)
+  local paused = id and any_pause and pause_left(redis.call('HGET', P..K.JOB..id, F.URL_HOST) or '', now)
   if paused and paused > 0 then
     local at = n2s(now + paused)
-    redis.call('HSET', P..'job:'..id, 'dl_state', 'Pending', 'wait', 'host_paused', 'next_at', at)
-    redis.call('ZADD', P..'dl:delayed', at, id)
+    redis.call('HSET', P..K.JOB..id, F.DL_STATE, S.PENDING, F.WAIT, W.HOST_PAUSED, F.NEXT_AT, at)
+    redis.call('ZADD', P..K.DL_DELAYED, at, id)
     id = false
   end
   if id then
-    redis.call('HINCRBY', ak, 'inflight', 1)
-    local k = P..'job:'..id
-    redis.call('ZADD', P..'dl:leases', n2s(now + lease), id)
-    redis.call('HDEL', k, 'wait')
-    redis.call('HSET', k, 'dl_state', 'InProgress', 'dl_lease', token, 'started_at', n2s(now))
-    redis.call('HINCRBY', k, 'dl_attempts', 1)
-    out[#out + 1] = {id, redis.call('HGETALL', k), redis.call('HGET', ak, 'proxy') or ''}
+    redis.call('HINCRBY', ak, A.INFLIGHT, 1)
+    local k = P..K.JOB..id
+    redis.call('ZADD', P..K.DL_LEASES, n2s(now + lease), id)
+    redis.call('HDEL', k, F.WAIT)
+    redis.call('HSET', k, F.DL_STATE, S.IN_PROGRESS, F.DL_LEASE, token, F.STARTED_AT, n2s(now))
+    redis.call('HINCRBY', k, F.DL_ATTEMPTS, 1)
+    out[#out + 1] = {id, redis.call('HGETALL', k), redis.call('HGET', ak, A.PROXY) or ''}
   end
   refresh(a)
   return id and true or false
 end
--- The claimer's shares (ClaimShares): ARGV[6] aggregations, then (name, room) pairs,
+-- The claimer's shares (ClaimShares): ARGV[4] aggregations, then (name, room) pairs,
 -- then the number of tenants and their pairs; then where its last claim stopped.
 local room_a, room_t = {}, {}
-local i = 6
+local i = 4
 local n_a = tonumber(ARGV[i] or '0') or 0
 i = i + 1
 for _ = 1, n_a do room_a[ARGV[i]] = tonumber(ARGV[i + 1]); i = i + 2 end
@@ -118,7 +118,7 @@ local function took(a)
 end
 local function next_due()
   local due = -1
-  for _, z in ipairs({'dl:delayed', 'ratewait'}) do
+  for _, z in ipairs({K.DL_DELAYED, K.RATEWAIT}) do
     local nxt = redis.call('ZRANGE', P..z, 0, 0, 'WITHSCORES')
     if nxt[2] then
       local ms = math.max(0, tonumber(nxt[2]) - now)
@@ -130,14 +130,14 @@ end
 -- The ready aggregation after `after` by name, round robin (`ready` is a sorted set
 -- whose scores are all 0).
 local function next_ready(after)
-  local r = redis.call('ZRANGEBYLEX', P..'ready', '(' .. after, '+', 'LIMIT', 0, 1)
+  local r = redis.call('ZRANGEBYLEX', P..K.READY, '(' .. after, '+', 'LIMIT', 0, 1)
   if r[1] then return r[1] end
-  return redis.call('ZRANGE', P..'ready', 0, 0)[1]
+  return redis.call('ZRANGE', P..K.READY, 0, 0)[1]
 end
 -- Ready aggregations in turn, one job each time, from where this claimer's last claim
 -- stopped; what has no room left in the shares is skipped (a full tenant's
 -- aggregations all at once: `@t/...` sort before `@t0`), pending for another claimer.
-local tries, budget = 0, max + READY_TRIES + n_a + n_t
+local tries, budget = 0, max + C.READY_TRIES + n_a + n_t
 while #out < max and tries < budget do
   tries = tries + 1
   local a = next_ready(cursor)
@@ -152,5 +152,5 @@ while #out < max and tries < budget do
     if claim_one(a) then took(a) end
   end
 end
-if #out > 0 then return {'jobs', out, cursor} end
+if #out > 0 then return {A.JOBS, out, cursor} end
 return {'empty', n2s(next_due()), cursor}

@@ -15,6 +15,7 @@ use redis::{AsyncCommands, Script, Value};
 use tokio::sync::Mutex;
 
 use super::clock::Clock;
+use super::schema::{self, key};
 use super::{
     AggrFilter, AggrSettings, AggrSummary, ClaimShares, Claimed, DownloadResult,
     FAILED_SCAN_FACTOR, FailedCallback, FailedCursor, FailedPage, HOST_PARK_FALLBACK, HostLimits,
@@ -24,19 +25,12 @@ use super::{
 use crate::config::RedisConfig;
 use crate::job::{JobRecord, JobSpec};
 
-/// Leases a job may lose to dead workers before it is failed instead of retried, so
-/// that a file that crashes the processor cannot loop forever.
-const MAX_LOST_LEASES: u32 = 5;
-
 /// Shared by every script: key helpers, the clock, the ready-set rule and wake-ups.
 const PRELUDE: &str = include_str!("prelude.lua");
 
+/// The schema's names and limits (store/schema.rs), then the prelude, then `body`.
 fn script(body: &str) -> Script {
-    let (slack, max) = (super::GCRA_SLACK, super::GCRA_SLACK_MAX_MS);
-    // Before the prelude: its `gcra` reads them.
-    Script::new(&format!(
-        "local SLACK, SLACK_MAX_MS = {slack}, {max}\n{PRELUDE}\n{body}"
-    ))
+    Script::new(&format!("{}{PRELUDE}\n{body}", schema::lua_header()))
 }
 
 static SUBMIT: LazyLock<Script> = LazyLock::new(|| script(include_str!("submit.lua")));
@@ -272,7 +266,7 @@ fn parse_claims(v: Value, token: &str) -> Result<ClaimReply> {
                 let proxy = text(&f[2])?;
                 let id = text(&f[0])?;
                 let map = fields(f.swap_remove(1))?;
-                let job = JobRecord::from_fields(&id, &map).map_err(StoreError::Corrupt)?;
+                let job = schema::record(&id, &map).map_err(StoreError::Corrupt)?;
                 out.push(Claimed {
                     job,
                     token: token.to_string(),
@@ -327,14 +321,8 @@ impl Store for RedisStore {
         let token = self.token();
         let reply: Value = match queue {
             Queue::Download => {
-                // A job without a callback whose worker was lost for good is deleted
-                // after a day; every job has a callback today.
                 let mut inv = CLAIM_DOWNLOAD.key(&self.prefix);
-                inv.arg(millis(lease))
-                    .arg(&token)
-                    .arg(MAX_LOST_LEASES)
-                    .arg(86_400_000u64)
-                    .arg(max.max(1));
+                inv.arg(millis(lease)).arg(&token).arg(max.max(1));
                 for list in [&shares.aggregations, &shares.tenants] {
                     inv.arg(list.len());
                     for (name, room) in list {
@@ -350,7 +338,6 @@ impl Store for RedisStore {
                         .key(&self.prefix)
                         .arg(millis(lease))
                         .arg(&token)
-                        .arg(MAX_LOST_LEASES)
                         .arg(max.max(1)),
                 )
                 .await?
@@ -374,7 +361,7 @@ impl Store for RedisStore {
         }
         let conn = guard.as_mut().expect("set above");
         let secs = timeout.as_secs_f64().max(0.01);
-        let key = self.key(&format!("wake:{}", queue.name()));
+        let key = self.key(&format!("{}{}", key::WAKE, queue.name()));
         let fut = conn.blpop::<_, Option<(String, String)>>(key, secs);
         match tokio::time::timeout(timeout + self.timeout, fut).await {
             Ok(Ok(_)) => Ok(()),
@@ -647,10 +634,10 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         pipe.atomic();
         for id in ids {
-            pipe.del(self.key(&format!("job:{id}"))).ignore();
+            pipe.del(self.key(&format!("{}{id}", key::JOB))).ignore();
         }
-        pipe.zrem(self.key("deletions"), ids).ignore();
-        pipe.zrem(self.key("cb:failed"), ids).ignore();
+        pipe.zrem(self.key(key::DELETIONS), ids).ignore();
+        pipe.zrem(self.key(key::CB_FAILED), ids).ignore();
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await.map_err(backend)
     }
@@ -658,16 +645,16 @@ impl Store for RedisStore {
     async fn get_job(&self, id: &str) -> Result<Option<JobRecord>> {
         let mut conn = self.conn.clone();
         let map: BTreeMap<String, String> = conn
-            .hgetall(self.key(&format!("job:{id}")))
+            .hgetall(self.key(&format!("{}{id}", key::JOB)))
             .await
             .map_err(backend)?;
         if map.is_empty() {
             return Ok(None);
         }
-        let mut rec = JobRecord::from_fields(id, &map).map_err(StoreError::Corrupt)?;
+        let mut rec = schema::record(id, &map).map_err(StoreError::Corrupt)?;
         if rec.queued() {
             let wait: Option<f64> = conn
-                .zscore(self.key("ratewait"), rec.spec.aggr_key())
+                .zscore(self.key(key::RATEWAIT), rec.spec.aggr_key())
                 .await
                 .map_err(backend)?;
             rec.note_aggr_rate_wait(wait.map(|w| w as u64));
@@ -682,7 +669,7 @@ impl Store for RedisStore {
     ) -> Result<(Vec<AggrSummary>, u64)> {
         let mut conn = self.conn.clone();
         let limit = limit.min(MAX_AGGR_PAGE);
-        let key = self.key("pending_n");
+        let key = self.key(key::PENDING_N);
         let (total, page): (u64, Vec<(String, u64)>) = if limit == 0 {
             (conn.zcard(&key).await.map_err(backend)?, Vec::new())
         } else {
@@ -703,7 +690,7 @@ impl Store for RedisStore {
         }
         let mut pipe = redis::pipe();
         for (n, _) in &page {
-            pipe.zscore(self.key("ratewait"), n);
+            pipe.zscore(self.key(key::RATEWAIT), n);
         }
         let waits: Vec<Option<f64>> = pipe.query_async(&mut conn).await.map_err(backend)?;
         let out = page
@@ -720,9 +707,9 @@ impl Store for RedisStore {
 
     async fn pending_summary(&self, top: usize) -> Result<PendingSummary> {
         let mut conn = self.conn.clone();
-        let key = self.key("pending_n");
+        let key = self.key(key::PENDING_N);
         let mut pipe = redis::pipe();
-        pipe.get(self.key("pending_total")).zcard(&key);
+        pipe.get(self.key(key::PENDING_TOTAL)).zcard(&key);
         if top > 0 {
             pipe.zrevrange_withscores(&key, 0, top as isize - 1);
         }
@@ -741,14 +728,18 @@ impl Store for RedisStore {
 
     async fn put_stats(&self, component: &str, json: &str, ttl: Duration) -> Result<()> {
         let mut conn = self.conn.clone();
-        conn.pset_ex::<_, _, ()>(self.key(&format!("stats:{component}")), json, millis(ttl))
-            .await
-            .map_err(backend)
+        conn.pset_ex::<_, _, ()>(
+            self.key(&format!("{}{component}", key::STATS)),
+            json,
+            millis(ttl),
+        )
+        .await
+        .map_err(backend)
     }
 
     async fn get_stats(&self, component: &str) -> Result<Option<String>> {
         let mut conn = self.conn.clone();
-        conn.get(self.key(&format!("stats:{component}")))
+        conn.get(self.key(&format!("{}{component}", key::STATS)))
             .await
             .map_err(backend)
     }

@@ -1,10 +1,10 @@
 -- `hostpause:<h>` and `hostpauses` (present while any host is paused: claims look up
 -- jobs' hosts only then) hold until when (ms); a pause only ever grows.
-local key, ms = P..'hostpause:'..ARGV[1], tonumber(ARGV[2])
+local key, ms = P..K.HOST_PAUSE..ARGV[1], tonumber(ARGV[2])
 local untl = now_ms() + ms
-for _, k in ipairs({key, P..'hostpauses'}) do
+for _, k in ipairs({key, P..K.HOST_PAUSES}) do
   if (tonumber(redis.call('GET', k) or '0') or 0) < untl then
-    redis.call('SET', k, n2s(untl), 'PX', n2s(ms + EXPIRY_SLACK))
+    redis.call('SET', k, n2s(untl), 'PX', n2s(ms + C.EXPIRY_SLACK_MS))
   end
 end
 return 1

@@ -1,21 +1,21 @@
 local dest, max = ARGV[1], tonumber(ARGV[2])
-local wl = P..'cbwait:'..dest
+local wl = P..K.CB_WAIT..dest
 local woken, looked = {}, 0
-while #woken < max and looked < 16 * max do
+while #woken < max and looked < C.WAKE_LOOK_FACTOR * max do
   local w = redis.call('LPOP', wl)
   if not w then break end
   looked = looked + 1
-  local k = P..'job:'..w
-  if redis.call('HGET', k, 'cb_wait') == dest then
-    redis.call('HDEL', k, 'cb_wait')
-    if redis.call('HGET', k, 'cb_state') == 'Pending' and redis.call('ZSCORE', P..'cb:delayed', w) then
-      redis.call('ZREM', P..'cb:delayed', w)
-      redis.call('HSET', k, 'next_at', 0)
-      redis.call('HDEL', k, 'cb_defers')
+  local k = P..K.JOB..w
+  if redis.call('HGET', k, F.CB_WAIT) == dest then
+    redis.call('HDEL', k, F.CB_WAIT)
+    if redis.call('HGET', k, F.CB_STATE) == S.PENDING and redis.call('ZSCORE', P..K.CB_DELAYED, w) then
+      redis.call('ZREM', P..K.CB_DELAYED, w)
+      redis.call('HSET', k, F.NEXT_AT, 0)
+      redis.call('HDEL', k, F.CB_DEFERS)
       woken[#woken + 1] = w
     end
   end
 end
-for i = #woken, 1, -1 do redis.call('LPUSH', P..'cb:queue', woken[i]) end
+for i = #woken, 1, -1 do redis.call('LPUSH', P..K.CB_QUEUE, woken[i]) end
 if #woken > 0 then wake('cb') end
 return #woken
