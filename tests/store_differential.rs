@@ -14,7 +14,7 @@
 //! Redis is our own server, started by the test on a free port (so that each case
 //! may start from an empty database); the embedded store lives under /dev/shm when
 //! there is one (its fsyncs then cost nothing). Cases: `PROPTEST_CASES` (default
-//! 600), each up to 48 steps.
+//! 600), each up to 64 steps.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -231,7 +231,8 @@ fn submit() -> impl Strategy<Value = Submit> {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let l = 0..16usize;
+    // Mostly one of the latest leases.
+    let l = prop_oneof![4 => 0..3usize, 1 => 0..16usize];
     prop_oneof![
         6 => submit().prop_map(Op::Submit),
         6 => (1..4usize, 0..LEASES.len(), prop::option::of((0..AGGRS.len(), 0..3u32, any::<bool>())))
@@ -241,7 +242,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (l.clone(), any::<bool>(), 0..DELAYS.len()).prop_map(|(lease, success, keep)| Op::FinishDownload { lease, success, keep }),
         2 => (l.clone(), 0..DELAYS.len()).prop_map(|(lease, delay)| Op::RetryDownload { lease, delay }),
         1 => (l.clone(), 0..DELAYS.len(), 0..3usize).prop_map(|(lease, delay, reason)| Op::DeferDownload { lease, delay, reason }),
-        2 => (l.clone(), 0..HOSTS.len(), 0..3u8, 1..3u32, 0..3u32).prop_map(|(lease, host, rate, burst, concurrency)| Op::HostPermit { lease, host, rate, burst, concurrency }),
+        4 => (l.clone(), 0..HOSTS.len(), 0..3u8, 1..3u32, 0..3u32).prop_map(|(lease, host, rate, burst, concurrency)| Op::HostPermit { lease, host, rate, burst, concurrency }),
         1 => (0..HOSTS.len(), 0..DELAYS.len()).prop_map(|(host, ms)| Op::PauseHost { host, ms }),
         1 => (any::<bool>(), l.clone()).prop_map(|(queue, lease)| Op::Release { queue, lease }),
         2 => (l.clone(), 0..DELAYS.len()).prop_map(|(lease, keep)| Op::FinishCallback { lease, keep }),
@@ -296,6 +297,8 @@ struct Pair {
     stores: [Arc<dyn Store>; 2],
     clock: Clock,
     leases: Vec<Lease>,
+    /// Each submitted job's host.
+    hosts: BTreeMap<String, String>,
 }
 
 fn normalize_err(e: &StoreError) -> String {
@@ -330,10 +333,13 @@ fn claims(r: &Result<(Vec<Claimed>, Option<Duration>), StoreError>) -> String {
 }
 
 impl Pair {
+    /// The `i`th most recent lease of `q` (wrapping): mostly live ones, as workers
+    /// use them, and older (finished, expired or stolen) ones too.
     fn lease(&self, i: usize, q: Option<Queue>) -> Option<&Lease> {
         let of: Vec<&Lease> = self
             .leases
             .iter()
+            .rev()
             .filter(|l| q.is_none_or(|q| l.queue == q))
             .collect();
         (!of.is_empty()).then(|| of[i % of.len()])
@@ -508,11 +514,16 @@ impl Pair {
                             burst: *burst,
                             concurrency: *concurrency,
                         };
+                        // Mostly the job's own host, as the processor asks.
+                        let h = match self.hosts.get(&l.id) {
+                            Some(h) if *host == 0 => h.as_str(),
+                            _ => HOSTS[*host],
+                        };
                         show(
                             &s.host_permit(
                                 &l.id,
                                 &l.tokens[n],
-                                HOSTS[*host],
+                                h,
                                 limits,
                                 Duration::from_millis(LEASES[0]),
                             )
@@ -599,6 +610,11 @@ impl Pair {
                 }
                 Op::Advance(_) => String::new(),
             };
+        }
+        if let Op::Submit(sub) = op
+            && answers[0] == "()"
+        {
+            self.hosts.insert(id(sub.id), HOSTS[sub.host].to_string());
         }
         if let Op::Advance(i) = op {
             self.clock.advance(Duration::from_millis(ADVANCES[*i]));
@@ -692,6 +708,7 @@ async fn run_case(redis: &OwnRedis, ops: &[Op]) -> Result<(), TestCaseError> {
         stores: [Arc::new(r), Arc::new(e)],
         clock,
         leases: Vec::new(),
+        hosts: BTreeMap::new(),
     };
     for (i, op) in ops.iter().enumerate() {
         pair.step(op).await?;
@@ -724,7 +741,7 @@ fn redis_and_embedded_stores_are_one_state_machine() {
         failure_persistence: None,
         ..Config::default()
     });
-    let result = runner.run(&prop::collection::vec(op(), 1..48), |ops| {
+    let result = runner.run(&prop::collection::vec(op(), 1..64), |ops| {
         rt.block_on(run_case(&redis, &ops))
     });
     if let Err(e) = result {
