@@ -208,6 +208,12 @@ impl NetGuard {
     }
 }
 
+/// Selects rustls' pure-Rust-verified `ring` provider for every TLS client (downloads,
+/// callbacks), once; each client's builder calls it.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The first [`AddressRefused`] in `e`'s chain (see [`crate::errors::find_in_chain`]).
 pub fn find_refused<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a AddressRefused> {
     crate::errors::find_in_chain::<AddressRefused>(e)

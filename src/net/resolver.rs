@@ -143,7 +143,7 @@ mod tests {
     #[tokio::test]
     async fn reqwest_resolves_proxy_names_through_this_resolver() {
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-        crate::install_crypto_provider();
+        super::super::install_crypto_provider();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));

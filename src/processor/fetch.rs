@@ -75,7 +75,7 @@ impl Fetcher {
         timeouts: Timeouts,
         root: PathBuf,
     ) -> anyhow::Result<Fetcher> {
-        crate::install_crypto_provider();
+        crate::net::install_crypto_provider();
         Ok(Fetcher {
             guard: proxies.guard().clone(),
             proxies,
