@@ -133,7 +133,7 @@ pub struct ApiConfig {
     pub allowed_origins: Vec<String>,
     /// Whose settings an aggregation keeps: `last` (every job's, the reference's) or
     /// `first` (the first job's, until the aggregation has no job left).
-    pub aggregation_settings: crate::store::AggrSettings,
+    pub aggregation_settings: AggrSettings,
     /// Most `request_headers` entries one job may set.
     pub max_request_headers: usize,
     /// Most bytes of `request_headers` names and values one job may set.
@@ -144,6 +144,29 @@ pub struct ApiConfig {
 
 /// Endpoints `api.public_endpoints` may open.
 pub const PUBLIC_ENDPOINTS: [&str; 4] = ["metrics", "info", "stats", "files"];
+
+/// What a submit does to the settings (limit, proxy, rate, burst) of an aggregation
+/// that already has jobs (`api.aggregation_settings`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AggrSettings {
+    /// The last job's settings win (the reference's behaviour).
+    #[default]
+    Last,
+    /// The first job's settings stay until the aggregation has no job left in its
+    /// download phase (pending, delayed or in flight); later jobs' settings are
+    /// ignored until then.
+    First,
+}
+
+impl AggrSettings {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AggrSettings::Last => "last",
+            AggrSettings::First => "first",
+        }
+    }
+}
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -160,7 +183,7 @@ impl Default for ApiConfig {
             tokens: Vec::new(),
             public_endpoints: Vec::new(),
             allowed_origins: Vec::new(),
-            aggregation_settings: crate::store::AggrSettings::Last,
+            aggregation_settings: AggrSettings::Last,
             max_request_headers: crate::job::DEFAULT_MAX_REQUEST_HEADERS,
             max_request_headers_bytes: crate::job::DEFAULT_MAX_REQUEST_HEADERS_BYTES,
             max_extra_bytes: crate::job::DEFAULT_MAX_EXTRA_BYTES,
@@ -331,6 +354,24 @@ impl<'de> Deserialize<'de> for SlotShare {
             _ => Err(bad()),
         }
     }
+}
+
+/// Per-host politeness (`processor.per_host_*`, [`Config::host_limits`]), the same in
+/// every processor's config: `rate` requests per second to one host (0: off) with
+/// `burst`, and at most `concurrency` downloads from one host at once (0: off).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostLimits {
+    pub rate: f64,
+    pub burst: u32,
+    pub concurrency: u32,
+}
+
+impl HostLimits {
+    pub const OFF: HostLimits = HostLimits {
+        rate: 0.0,
+        burst: 1,
+        concurrency: 0,
+    };
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -884,8 +925,8 @@ impl Config {
     }
 
     /// Per-host politeness (`processor.per_host_*`).
-    pub fn host_limits(&self) -> crate::store::HostLimits {
-        crate::store::HostLimits {
+    pub fn host_limits(&self) -> HostLimits {
+        HostLimits {
             rate: self.processor.per_host_rate,
             burst: self.processor.per_host_burst,
             concurrency: self.processor.per_host_concurrency,

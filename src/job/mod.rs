@@ -15,7 +15,7 @@ mod validate;
 pub use callback::{CallbackPayload, download_url};
 pub use id::{is_valid_id, new_id, relative_path};
 pub use mime::{MimePattern, sniff_mime};
-pub use record::{CALLBACK_DESTINATION_WAIT, JobRecord, ThumbnailInfo, state};
+pub use record::{CALLBACK_DESTINATION_WAIT, JobRecord, ThumbnailInfo, WaitReason, state};
 pub use spec::{
     Callback, DEFAULT_MAX_RETRIES, JobSpec, MAX_BURST, MAX_RATE, MAX_THUMBNAILS, MIN_RATE,
     TENANT_MARK,

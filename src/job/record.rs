@@ -30,6 +30,41 @@ pub mod state {
     pub const FAILED: &str = "Failed";
 }
 
+/// Why a pending download is waiting: its `waiting_for` (shown by `GET /jobs/{id}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitReason {
+    /// Its aggregation's `aggr_rate`.
+    AggrRate,
+    /// The host asked for a pause (429/503 with Retry-After).
+    HostPaused,
+    /// `processor.per_host_rate`.
+    HostRate,
+    /// `processor.per_host_concurrency`.
+    HostConcurrency,
+}
+
+impl WaitReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitReason::AggrRate => "aggr_rate",
+            WaitReason::HostPaused => "host_paused",
+            WaitReason::HostRate => "host_rate",
+            WaitReason::HostConcurrency => "host_concurrency",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<WaitReason> {
+        [
+            WaitReason::AggrRate,
+            WaitReason::HostPaused,
+            WaitReason::HostRate,
+            WaitReason::HostConcurrency,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
 /// `waiting_for` of a callback parked until its receiver has a free slot.
 pub const CALLBACK_DESTINATION_WAIT: &str = "callback_destination";
 
@@ -127,7 +162,7 @@ impl JobRecord {
     /// Notes that the job's aggregation waits for its rate until `until` (ms).
     pub fn note_aggr_rate_wait(&mut self, until: Option<u64>) {
         if let Some(until) = until {
-            self.waiting_for = crate::store::WaitReason::AggrRate.as_str().to_string();
+            self.waiting_for = WaitReason::AggrRate.as_str().to_string();
             self.next_attempt_at = until;
         }
     }
