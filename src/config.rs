@@ -11,6 +11,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub use crate::secret::Secret;
+
 /// Environment variable that shortens every retry backoff to 200 ms (reference behaviour,
 /// used by test suites).
 pub const TEST_TIME_ENV: &str = "DOWNLOADER_TEST_TIME";
@@ -418,36 +420,13 @@ fn secrets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Err
             .into_iter()
             .enumerate()
             .map(|(i, v)| match v {
-                serde_json::Value::String(s) => Ok(Secret(s)),
+                serde_json::Value::String(s) => Ok(Secret::new(s)),
                 _ => Err(D::Error::custom(format!(
                     "entry {i} must be a string (whsec_<base64>)"
                 ))),
             })
             .collect(),
         _ => Err(D::Error::custom("must be a list of whsec_<base64> strings")),
-    }
-}
-
-/// A secret from the config file: its `Debug` form never shows it, so that a config
-/// that is printed or logged does not carry it along.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-
-    /// The secret itself, for the one place that uses it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
     }
 }
 
@@ -746,7 +725,7 @@ impl Config {
         }
         self.allowed_networks()?;
         self.callback_networks()?;
-        crate::notifier::signing::Signer::from_config(&self.notifier.signing_secrets)?;
+        crate::secret::signing_keys(&self.notifier.signing_secrets)?;
         crate::auth::Tokens::from_config(&self.api.tokens)?;
         for (i, e) in self.api.public_endpoints.iter().enumerate() {
             if !PUBLIC_ENDPOINTS.contains(&e.as_str()) {

@@ -27,6 +27,8 @@ pub mod notifier;
 #[cfg(feature = "service")]
 pub mod processor;
 #[cfg(feature = "service")]
+pub mod secret;
+#[cfg(feature = "service")]
 pub mod stats;
 #[cfg(feature = "service")]
 pub mod store;
