@@ -144,6 +144,9 @@ pub struct ApiConfig {
     pub max_extra_bytes: usize,
 }
 
+/// `api.max_inflight_body_bytes`'s default.
+pub const DEFAULT_BODY_BUDGET: u64 = 256 << 20;
+
 /// Endpoints `api.public_endpoints` may open.
 pub const PUBLIC_ENDPOINTS: [&str; 4] = ["metrics", "info", "stats", "files"];
 
@@ -179,7 +182,7 @@ impl Default for ApiConfig {
             body_timeout_secs: 30.0,
             body_total_timeout_secs: 120.0,
             response_timeout_secs: 30.0,
-            max_inflight_body_bytes: crate::web::server::DEFAULT_BODY_BUDGET,
+            max_inflight_body_bytes: DEFAULT_BODY_BUDGET,
             max_connections: None,
             shutdown_grace_secs: 30.0,
             tokens: Vec::new(),
@@ -201,23 +204,6 @@ impl ApiConfig {
             max_request_headers_bytes: self.max_request_headers_bytes,
             max_extra_bytes: self.max_extra_bytes,
             ..Default::default()
-        }
-    }
-
-    /// The server's timeouts and caps, with a new body budget: call it once per
-    /// process and give clones to its listeners, so that they share the budget.
-    pub fn limits(&self) -> crate::web::Limits {
-        use crate::web::server;
-        crate::web::Limits {
-            header_timeout: Duration::from_secs_f64(self.header_timeout_secs),
-            body_timeout: Duration::from_secs_f64(self.body_timeout_secs),
-            body_total_timeout: Duration::from_secs_f64(self.body_total_timeout_secs),
-            response_timeout: Duration::from_secs_f64(self.response_timeout_secs),
-            shutdown_grace: Duration::from_secs_f64(self.shutdown_grace_secs),
-            max_connections: self
-                .max_connections
-                .unwrap_or_else(|| server::default_max_connections(server::fd_limit())),
-            body_budget: crate::budget::ByteBudget::new(self.max_inflight_body_bytes),
         }
     }
 }
@@ -735,7 +721,7 @@ impl Config {
             }
         }
         for (i, o) in self.api.allowed_origins.iter().enumerate() {
-            crate::web::guard::parse_origin(o)
+            crate::net::origin::parse_origin(o)
                 .map_err(|e| format!("key `api.allowed_origins[{i}]`: {e}"))?;
         }
         self.proxy_policy()?;
