@@ -9,7 +9,7 @@
 //! series of their own; the totals cover all of them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -67,7 +67,7 @@ pub struct Metrics {
     pub storage_used_percent: Gauge<f64, AtomicU64>,
     pub disk_checks: Counter,
     /// Connections and requests the HTTP servers refused or cut off, by reason
-    /// ([`crate::web::bounds::REFUSAL_REASONS`]).
+    /// ([`REFUSAL_REASONS`]).
     pub http_refused: Family<ReasonLabel, Counter>,
     /// Idle connections closed to make room for a new one at `api.max_connections`.
     pub http_idle_closed: Counter,
@@ -235,7 +235,7 @@ impl Metrics {
             "Idle connections closed to make room for a new one at api.max_connections",
             m.http_idle_closed.clone(),
         );
-        for reason in crate::web::bounds::REFUSAL_REASONS {
+        for reason in REFUSAL_REASONS {
             m.http_refused
                 .get_or_create(&ReasonLabel { reason })
                 .inc_by(0);
@@ -303,6 +303,18 @@ impl Metrics {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Reasons of `downloader_http_refused_total` (counted by `web::bounds`): a fixed set.
+pub const REFUSAL_REASONS: [&str; 4] = [
+    "connections",
+    "body_budget",
+    "body_deadline",
+    "write_deadline",
+];
+
+/// Open HTTP connections of this process's servers (kept by `web::server`), read at
+/// scrape time.
+pub static OPEN_CONNECTIONS: AtomicI64 = AtomicI64::new(0);
 
 /// Counts a callback in flight while it lives.
 pub struct CallbackInFlight;
@@ -537,7 +549,7 @@ impl prometheus_client::collector::Collector for Scrape {
             "http_connections_open",
             "Open connections of this process's HTTP servers",
             None,
-            crate::web::server::OPEN_CONNECTIONS.load(Ordering::Relaxed),
+            OPEN_CONNECTIONS.load(Ordering::Relaxed),
         )?;
         let p = snapshot.process;
         if let Some(rss) = p.rss_bytes {

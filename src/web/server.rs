@@ -13,7 +13,7 @@
 //! `api.max_connections`, a request-body budget and deadline, a response write deadline.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
@@ -31,6 +31,7 @@ use super::bounds::{
 };
 use crate::budget::ByteBudget;
 use crate::config::{ApiConfig, DEFAULT_BODY_BUDGET};
+use crate::metrics::OPEN_CONNECTIONS;
 
 /// Timeouts, caps and drain bound of one server.
 #[derive(Debug, Clone)]
@@ -116,9 +117,6 @@ pub fn default_max_connections(soft: Option<u64>) -> usize {
     let (floor, ceiling) = DEFAULT_CONNECTIONS;
     connections_allowed_by(soft).clamp(floor, ceiling) as usize
 }
-
-/// Open HTTP connections of this process's servers (for `/metrics`).
-pub static OPEN_CONNECTIONS: AtomicI64 = AtomicI64::new(0);
 
 struct ConnGuard;
 
