@@ -13,6 +13,12 @@ use super::{AddressRefused, NetGuard, classify};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A lookup that got no answer within the resolver's timeout. A type of its own so
+/// that the fetcher, finding it in a request's error, counts a timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("DNS lookup of {0} timed out")]
+pub struct DnsTimeout(pub String);
+
 #[derive(Clone)]
 pub struct GuardedResolver {
     guard: Arc<NetGuard>,
@@ -60,7 +66,7 @@ impl GuardedResolver {
         let addrs: Vec<SocketAddr> =
             tokio::time::timeout(self.timeout, tokio::net::lookup_host((host, port)))
                 .await
-                .map_err(|_| format!("DNS lookup of {host} timed out"))??
+                .map_err(|_| DnsTimeout(host.to_string()))??
                 .collect();
         if trusted {
             return Ok(addrs);
