@@ -11,6 +11,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub use crate::secret::Secret;
+
 /// Environment variable that shortens every retry backoff to 200 ms (reference behaviour,
 /// used by test suites).
 pub const TEST_TIME_ENV: &str = "DOWNLOADER_TEST_TIME";
@@ -133,7 +135,7 @@ pub struct ApiConfig {
     pub allowed_origins: Vec<String>,
     /// Whose settings an aggregation keeps: `last` (every job's, the reference's) or
     /// `first` (the first job's, until the aggregation has no job left).
-    pub aggregation_settings: crate::store::AggrSettings,
+    pub aggregation_settings: AggrSettings,
     /// Most `request_headers` entries one job may set.
     pub max_request_headers: usize,
     /// Most bytes of `request_headers` names and values one job may set.
@@ -142,8 +144,34 @@ pub struct ApiConfig {
     pub max_extra_bytes: usize,
 }
 
+/// `api.max_inflight_body_bytes`'s default.
+pub const DEFAULT_BODY_BUDGET: u64 = 256 << 20;
+
 /// Endpoints `api.public_endpoints` may open.
 pub const PUBLIC_ENDPOINTS: [&str; 4] = ["metrics", "info", "stats", "files"];
+
+/// What a submit does to the settings (limit, proxy, rate, burst) of an aggregation
+/// that already has jobs (`api.aggregation_settings`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AggrSettings {
+    /// The last job's settings win (the reference's behaviour).
+    #[default]
+    Last,
+    /// The first job's settings stay until the aggregation has no job left in its
+    /// download phase (pending, delayed or in flight); later jobs' settings are
+    /// ignored until then.
+    First,
+}
+
+impl AggrSettings {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AggrSettings::Last => "last",
+            AggrSettings::First => "first",
+        }
+    }
+}
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -154,13 +182,13 @@ impl Default for ApiConfig {
             body_timeout_secs: 30.0,
             body_total_timeout_secs: 120.0,
             response_timeout_secs: 30.0,
-            max_inflight_body_bytes: crate::web::server::DEFAULT_BODY_BUDGET,
+            max_inflight_body_bytes: DEFAULT_BODY_BUDGET,
             max_connections: None,
             shutdown_grace_secs: 30.0,
             tokens: Vec::new(),
             public_endpoints: Vec::new(),
             allowed_origins: Vec::new(),
-            aggregation_settings: crate::store::AggrSettings::Last,
+            aggregation_settings: AggrSettings::Last,
             max_request_headers: crate::job::DEFAULT_MAX_REQUEST_HEADERS,
             max_request_headers_bytes: crate::job::DEFAULT_MAX_REQUEST_HEADERS_BYTES,
             max_extra_bytes: crate::job::DEFAULT_MAX_EXTRA_BYTES,
@@ -176,23 +204,6 @@ impl ApiConfig {
             max_request_headers_bytes: self.max_request_headers_bytes,
             max_extra_bytes: self.max_extra_bytes,
             ..Default::default()
-        }
-    }
-
-    /// The server's timeouts and caps, with a new body budget: call it once per
-    /// process and give clones to its listeners, so that they share the budget.
-    pub fn limits(&self) -> crate::web::Limits {
-        use crate::web::server;
-        crate::web::Limits {
-            header_timeout: Duration::from_secs_f64(self.header_timeout_secs),
-            body_timeout: Duration::from_secs_f64(self.body_timeout_secs),
-            body_total_timeout: Duration::from_secs_f64(self.body_total_timeout_secs),
-            response_timeout: Duration::from_secs_f64(self.response_timeout_secs),
-            shutdown_grace: Duration::from_secs_f64(self.shutdown_grace_secs),
-            max_connections: self
-                .max_connections
-                .unwrap_or_else(|| server::default_max_connections(server::fd_limit())),
-            body_budget: crate::budget::ByteBudget::new(self.max_inflight_body_bytes),
         }
     }
 }
@@ -333,6 +344,24 @@ impl<'de> Deserialize<'de> for SlotShare {
     }
 }
 
+/// Per-host politeness (`processor.per_host_*`, [`Config::host_limits`]), the same in
+/// every processor's config: `rate` requests per second to one host (0: off) with
+/// `burst`, and at most `concurrency` downloads from one host at once (0: off).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostLimits {
+    pub rate: f64,
+    pub burst: u32,
+    pub concurrency: u32,
+}
+
+impl HostLimits {
+    pub const OFF: HostLimits = HostLimits {
+        rate: 0.0,
+        burst: 1,
+        concurrency: 0,
+    };
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct NotifierConfig {
@@ -377,36 +406,13 @@ fn secrets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Err
             .into_iter()
             .enumerate()
             .map(|(i, v)| match v {
-                serde_json::Value::String(s) => Ok(Secret(s)),
+                serde_json::Value::String(s) => Ok(Secret::new(s)),
                 _ => Err(D::Error::custom(format!(
                     "entry {i} must be a string (whsec_<base64>)"
                 ))),
             })
             .collect(),
         _ => Err(D::Error::custom("must be a list of whsec_<base64> strings")),
-    }
-}
-
-/// A secret from the config file: its `Debug` form never shows it, so that a config
-/// that is printed or logged does not carry it along.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-
-    /// The secret itself, for the one place that uses it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
     }
 }
 
@@ -705,7 +711,7 @@ impl Config {
         }
         self.allowed_networks()?;
         self.callback_networks()?;
-        crate::notifier::signing::Signer::from_config(&self.notifier.signing_secrets)?;
+        crate::secret::signing_keys(&self.notifier.signing_secrets)?;
         crate::auth::Tokens::from_config(&self.api.tokens)?;
         for (i, e) in self.api.public_endpoints.iter().enumerate() {
             if !PUBLIC_ENDPOINTS.contains(&e.as_str()) {
@@ -715,7 +721,7 @@ impl Config {
             }
         }
         for (i, o) in self.api.allowed_origins.iter().enumerate() {
-            crate::web::guard::parse_origin(o)
+            crate::net::origin::parse_origin(o)
                 .map_err(|e| format!("key `api.allowed_origins[{i}]`: {e}"))?;
         }
         self.proxy_policy()?;
@@ -884,8 +890,8 @@ impl Config {
     }
 
     /// Per-host politeness (`processor.per_host_*`).
-    pub fn host_limits(&self) -> crate::store::HostLimits {
-        crate::store::HostLimits {
+    pub fn host_limits(&self) -> HostLimits {
+        HostLimits {
             rate: self.processor.per_host_rate,
             burst: self.processor.per_host_burst,
             concurrency: self.processor.per_host_concurrency,

@@ -9,6 +9,8 @@ pub mod budget;
 #[cfg(feature = "service")]
 pub mod config;
 #[cfg(feature = "service")]
+pub mod connect;
+#[cfg(feature = "service")]
 pub mod disk;
 #[cfg(feature = "service")]
 pub mod errors;
@@ -25,6 +27,8 @@ pub mod notifier;
 #[cfg(feature = "service")]
 pub mod processor;
 #[cfg(feature = "service")]
+pub mod secret;
+#[cfg(feature = "service")]
 pub mod stats;
 #[cfg(feature = "service")]
 pub mod store;
@@ -35,9 +39,6 @@ pub mod thumbnail;
 pub mod web;
 #[cfg(feature = "service")]
 pub mod worker;
-
-#[cfg(feature = "service")]
-use std::sync::Arc;
 
 /// `0.1.0 (commit 1a2b3c4d5e6f, built 2026-11-22)`.
 pub const VERSION: &str = concat!(
@@ -54,27 +55,12 @@ use tokio_util::sync::CancellationToken;
 #[cfg(feature = "service")]
 use tracing::Instrument;
 
+// Kept at the crate's root for the binary, the tests and the benches; they live
+// below the modules that use them (see ARCHITECTURE.md, Layers).
 #[cfg(feature = "service")]
-/// Selects rustls' pure-Rust-verified `ring` provider for every TLS client, once.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
+pub use connect::connect_store;
 #[cfg(feature = "service")]
-/// Opens the store the config selects.
-pub async fn connect_store(cfg: &config::Config) -> anyhow::Result<Arc<dyn store::Store>> {
-    match cfg.store_kind() {
-        config::StoreKind::Redis => Ok(Arc::new(
-            store::redis::RedisStore::connect(&cfg.redis).await?,
-        )),
-        config::StoreKind::Embedded(path) => {
-            let store =
-                tokio::task::spawn_blocking(move || store::embedded::EmbeddedStore::open(&path))
-                    .await??;
-            Ok(Arc::new(store))
-        }
-    }
-}
+pub use net::install_crypto_provider;
 
 #[cfg(feature = "service")]
 /// A token cancelled on the first SIGTERM or SIGINT. SIGHUP (whose default action

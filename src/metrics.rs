@@ -4,12 +4,13 @@
 //! (pending jobs) and of the process (tasks, connections, memory, fds) are read at
 //! scrape time.
 //!
-//! Label cardinality is bounded: failure reasons come from a fixed list
-//! ([`failure_reason`]) and only the [`TOP_AGGREGATIONS`] busiest aggregations get a
-//! series of their own; the totals cover all of them.
+//! Label cardinality is bounded: failure reasons come from a fixed list (a
+//! [`FailureReason`], made where the download failed) and only the
+//! [`TOP_AGGREGATIONS`] busiest aggregations get a series of their own; the totals
+//! cover all of them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::job::FailureReason;
 use crate::store::Store;
 use crate::thumbnail::Thumbnailer;
 
@@ -67,7 +69,7 @@ pub struct Metrics {
     pub storage_used_percent: Gauge<f64, AtomicU64>,
     pub disk_checks: Counter,
     /// Connections and requests the HTTP servers refused or cut off, by reason
-    /// ([`crate::web::bounds::REFUSAL_REASONS`]).
+    /// ([`REFUSAL_REASONS`]).
     pub http_refused: Family<ReasonLabel, Counter>,
     /// Idle connections closed to make room for a new one at `api.max_connections`.
     pub http_idle_closed: Counter,
@@ -235,13 +237,13 @@ impl Metrics {
             "Idle connections closed to make room for a new one at api.max_connections",
             m.http_idle_closed.clone(),
         );
-        for reason in crate::web::bounds::REFUSAL_REASONS {
+        for reason in REFUSAL_REASONS {
             m.http_refused
                 .get_or_create(&ReasonLabel { reason })
                 .inc_by(0);
         }
         // Every reason from the start, so that rates work before its first failure.
-        for &reason in FAILURE_REASONS {
+        for reason in FailureReason::ALL.map(FailureReason::as_str) {
             m.jobs_failed
                 .get_or_create(&ReasonLabel { reason })
                 .inc_by(0);
@@ -283,14 +285,15 @@ impl Metrics {
         }
     }
 
-    /// A download attempt ended with `result`; `retried` when it is scheduled again.
-    pub fn download_finished(&self, result: &crate::store::DownloadResult, retried: bool) {
-        if result.success {
-            self.jobs_succeeded.inc();
-            return;
-        }
+    /// A download (and its thumbnails) succeeded.
+    pub fn download_succeeded(&self) {
+        self.jobs_succeeded.inc();
+    }
+
+    /// A download attempt failed for `reason`; `retried` when it is scheduled again.
+    pub fn download_failed(&self, reason: FailureReason, retried: bool) {
         let label = ReasonLabel {
-            reason: failure_reason(&result.error, result.response_code),
+            reason: reason.as_str(),
         };
         if retried {
             self.download_retries.get_or_create(&label).inc();
@@ -303,6 +306,18 @@ impl Metrics {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Reasons of `downloader_http_refused_total` (counted by `web::bounds`): a fixed set.
+pub const REFUSAL_REASONS: [&str; 4] = [
+    "connections",
+    "body_budget",
+    "body_deadline",
+    "write_deadline",
+];
+
+/// Open HTTP connections of this process's servers (kept by `web::server`), read at
+/// scrape time.
+pub static OPEN_CONNECTIONS: AtomicI64 = AtomicI64::new(0);
 
 /// Counts a callback in flight while it lives.
 pub struct CallbackInFlight;
@@ -317,58 +332,6 @@ impl CallbackInFlight {
 impl Drop for CallbackInFlight {
     fn drop(&mut self) {
         metrics().callbacks_in_flight.dec();
-    }
-}
-
-/// The failure reasons of `downloader_jobs_failed_total` and
-/// `downloader_download_retries_total`: a fixed set, so label cardinality stays bounded.
-pub const FAILURE_REASONS: &[&str] = &[
-    "thumbnail",
-    "mime",
-    "too_large",
-    "tls",
-    "address_refused",
-    "timeout",
-    "truncated",
-    "storage",
-    "http_429",
-    "http_4xx",
-    "http_5xx",
-    "connection",
-    "other",
-];
-
-/// Classifies a download error (as the processor records it) into one of
-/// [`FAILURE_REASONS`].
-pub fn failure_reason(error: &str, code: u16) -> &'static str {
-    let e = error.to_ascii_lowercase();
-    if e.starts_with("thumbnail") {
-        "thumbnail"
-    } else if e.starts_with("expected mime-type") {
-        "mime"
-    } else if e.contains("larger than the limit") {
-        "too_large"
-    } else if e.starts_with("tls error") {
-        "tls"
-    } else if e.contains(" is not allowed") && e.contains("allowed_") {
-        // `net::AddressRefused` and the proxy refusals name the key that would open them.
-        "address_refused"
-    } else if e.contains("timed out") || e.starts_with("download stalled") {
-        "timeout"
-    } else if e.starts_with("unexpected eof") {
-        "truncated"
-    } else if e.starts_with("cannot write file") {
-        "storage"
-    } else if code == 429 {
-        "http_429"
-    } else if (400..500).contains(&code) {
-        "http_4xx"
-    } else if code >= 500 {
-        "http_5xx"
-    } else if e.contains("connect") || e.contains("dns") || e.contains("reset") {
-        "connection"
-    } else {
-        "other"
     }
 }
 
@@ -537,7 +500,7 @@ impl prometheus_client::collector::Collector for Scrape {
             "http_connections_open",
             "Open connections of this process's HTTP servers",
             None,
-            crate::web::server::OPEN_CONNECTIONS.load(Ordering::Relaxed),
+            OPEN_CONNECTIONS.load(Ordering::Relaxed),
         )?;
         let p = snapshot.process;
         if let Some(rss) = p.rss_bytes {
@@ -589,48 +552,25 @@ pub fn process() -> Process {
 mod tests {
     use super::*;
 
-    #[test]
-    fn failure_reasons_are_from_the_fixed_set() {
-        let cases = [
-            ("Received status code 404", 404, "http_4xx"),
-            ("Received status code 429", 429, "http_429"),
-            ("Received status code 503", 503, "http_5xx"),
-            (
-                "Expected mime-type to be (image/*), found (text/plain)",
-                200,
-                "mime",
-            ),
-            (
-                "file is larger than the limit of 10 bytes (11 bytes or more)",
-                200,
-                "too_large",
-            ),
-            ("TLS error: invalid peer certificate", 0, "tls"),
-            (
-                "address 10.0.0.1 of x.test is not allowed: private (not a public address; see processor.allowed_networks)",
-                0,
-                "address_refused",
-            ),
-            (
-                "host localhost is not allowed: loopback by name (see processor.allowed_networks)",
-                0,
-                "address_refused",
-            ),
-            ("download timed out after 60s", 0, "timeout"),
-            ("unexpected EOF: got 5 of 1000 bytes", 200, "truncated"),
-            ("thumbnail small: corrupt image", 200, "thumbnail"),
-            ("cannot write file: No space left on device", 200, "storage"),
-            (
-                "error sending request: client error (Connect): tcp connect error",
-                0,
-                "connection",
-            ),
-            ("something new", 0, "other"),
-        ];
-        for (error, code, want) in cases {
-            let got = failure_reason(error, code);
-            assert_eq!(got, want, "{error}");
-            assert!(FAILURE_REASONS.contains(&got));
+    #[tokio::test]
+    async fn every_failure_reason_has_its_series_from_the_start() {
+        let text = render(&Sources::default()).await;
+        for reason in FailureReason::ALL.map(FailureReason::as_str) {
+            for family in ["jobs_failed", "download_retries"] {
+                let series = format!("downloader_{family}_total{{reason=\"{reason}\"}}");
+                assert!(text.contains(&series), "{series} missing in\n{text}");
+            }
+        }
+        metrics().download_failed(FailureReason::TooLarge, false);
+        metrics().download_failed(FailureReason::Http5xx, true);
+        let text = render(&Sources::default()).await;
+        for series in [
+            "downloader_jobs_failed_total{reason=\"too_large\"}",
+            "downloader_download_retries_total{reason=\"http_5xx\"}",
+        ] {
+            let line = text.lines().find(|l| l.starts_with(series)).unwrap();
+            let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            assert!(n >= 1.0, "{line}");
         }
     }
 

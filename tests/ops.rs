@@ -409,6 +409,69 @@ async fn metrics_count_jobs_callbacks_and_failures_per_process() {
     assert_eq!((st, &h["status"]), (200, &json!("ok")), "{h}");
 }
 
+/// The reason a failed download is counted under is the one the failure was made
+/// with, through the whole processor: a thumbnail failure (made by the processor, not
+/// the fetcher), a MIME failure, a 5xx that ran out of retries and one that was
+/// retried.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_failed_download_is_counted_under_its_reason() {
+    let origin = start_origin().await;
+    let rx = start_receiver().await;
+    let (extra, processor, _) = admin_config(json!({"retry_backoff_ms": 100}));
+    let svc = Service::start(extra).await;
+    origin.add_file("doc.txt", b"plain text, not an image".to_vec());
+    let mut thumbs = job(&origin, "/file/doc.txt", &rx.url(0), "reasons", 4);
+    thumbs["thumbnails"] = json!([{"name": "s", "width": 100, "height": 100}]);
+    let mut mime = job(&origin, "/file/doc.txt", &rx.url(0), "reasons", 4);
+    mime["mime_type"] = json!("image/*");
+    let mut failing = job(&origin, "/flaky/100/reasons", &rx.url(0), "reasons", 4);
+    failing["max_retries"] = json!(0);
+    let mut flaky = job(&origin, "/flaky/1/reasons", &rx.url(0), "reasons", 4);
+    flaky["max_retries"] = json!(1);
+    let mut ids = Vec::new();
+    for j in [thumbs, mime, failing, flaky] {
+        ids.push(svc.submit(j).await);
+    }
+    let mut errors = Vec::new();
+    for id in &ids {
+        errors.push(rx.wait_for(id, 30).await["error"].clone());
+    }
+    assert!(
+        errors[0].as_str().unwrap().starts_with("thumbnail s: "),
+        "{errors:?}"
+    );
+    assert_eq!(
+        errors[1..],
+        [
+            json!("Expected mime-type to be (image/*), found (text/plain)"),
+            json!("Received status code 500"),
+            json!(""),
+        ]
+    );
+    let p = wait_metric(
+        &format!("{processor}/metrics"),
+        "downloader_jobs_succeeded_total",
+        |v| v == 1.0,
+    )
+    .await;
+    for (series, want) in [
+        ("downloader_jobs_failed_total{reason=\"thumbnail\"}", 1.0),
+        ("downloader_jobs_failed_total{reason=\"mime\"}", 1.0),
+        ("downloader_jobs_failed_total{reason=\"http_5xx\"}", 1.0),
+        (
+            "downloader_download_retries_total{reason=\"http_5xx\"}",
+            1.0,
+        ),
+        ("downloader_jobs_failed_total{reason=\"other\"}", 0.0),
+        (
+            "downloader_download_retries_total{reason=\"thumbnail\"}",
+            0.0,
+        ),
+    ] {
+        assert_eq!(sample(&p, series), Some(want), "{series} in\n{p}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_stops_claims_until_it_is_below_the_low_watermark() {
     let origin = start_origin().await;

@@ -13,9 +13,8 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use downloader::thumbnail::{
-    Class, Config, ErrorKind, OutputFormat, Spec, Thumbnailer, http, pipeline,
-};
+use downloader::thumbnail::{Class, Config, ErrorKind, OutputFormat, Spec, Thumbnailer, pipeline};
+use downloader::web::thumbnail as http;
 use http_body_util::BodyExt;
 use serde_json::json;
 use tower::ServiceExt;

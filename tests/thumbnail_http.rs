@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use downloader::thumbnail::{Config, Thumbnailer, http};
+use downloader::thumbnail::{Config, Thumbnailer};
+use downloader::web::thumbnail as http;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 

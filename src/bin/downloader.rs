@@ -275,7 +275,13 @@ async fn web(
     cfg.warn_body_budget();
     let app = downloader::web::router(state, cfg.api.max_body_bytes, None, thumbnailer);
     let sd = downloader::systemd::ready(shutdown.clone());
-    downloader::web::serve(listener, app, shutdown, cfg.api.limits()).await?;
+    downloader::web::serve(
+        listener,
+        app,
+        shutdown,
+        downloader::web::Limits::from_config(&cfg.api),
+    )
+    .await?;
     let _ = sd.await;
     Ok(())
 }
@@ -328,7 +334,12 @@ async fn serve(
     tracing::info!(download_url = %cfg.download_url().unwrap_or_default(), "serve started");
     let sd = downloader::systemd::ready(shutdown.clone());
     let (web, (), (), _) = tokio::join!(
-        downloader::web::serve(listener, app, shutdown.clone(), cfg.api.limits()),
+        downloader::web::serve(
+            listener,
+            app,
+            shutdown.clone(),
+            downloader::web::Limits::from_config(&cfg.api)
+        ),
         processor.run(&cfg, shutdown.clone()),
         notifier.run(&cfg, shutdown.clone()),
         sd,
@@ -377,7 +388,13 @@ async fn with_admin(
         match (admin, admin_guard) {
             (Some(l), Some(g)) => {
                 let app = downloader::web::admin_router(ops, g);
-                downloader::web::serve(l, app, stop.clone(), cfg.api.limits()).await
+                downloader::web::serve(
+                    l,
+                    app,
+                    stop.clone(),
+                    downloader::web::Limits::from_config(&cfg.api),
+                )
+                .await
             }
             _ => Ok(()),
         }

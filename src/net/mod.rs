@@ -6,12 +6,14 @@
 //! IPv4 address. Downloads use `processor.allowed_networks` (public addresses only by
 //! default), callbacks `notifier.allowed_networks` ([`NetGuard::callbacks`]: private
 //! networks too by default, since callback receivers usually live there).
+//! `origin` parses the web origins of `api.allowed_origins` and of requests.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
 pub mod classify;
+pub mod origin;
 pub mod proxy;
 pub mod resolver;
 
@@ -206,6 +208,12 @@ impl NetGuard {
             None => Ok(()),
         }
     }
+}
+
+/// Selects rustls' pure-Rust-verified `ring` provider for every TLS client (downloads,
+/// callbacks), once; each client's builder calls it.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// The first [`AddressRefused`] in `e`'s chain (see [`crate::errors::find_in_chain`]).

@@ -13,6 +13,12 @@ use super::{AddressRefused, NetGuard, classify};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A lookup that got no answer within the resolver's timeout. A type of its own so
+/// that the fetcher, finding it in a request's error, counts a timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("DNS lookup of {0} timed out")]
+pub struct DnsTimeout(pub String);
+
 #[derive(Clone)]
 pub struct GuardedResolver {
     guard: Arc<NetGuard>,
@@ -60,7 +66,7 @@ impl GuardedResolver {
         let addrs: Vec<SocketAddr> =
             tokio::time::timeout(self.timeout, tokio::net::lookup_host((host, port)))
                 .await
-                .map_err(|_| format!("DNS lookup of {host} timed out"))??
+                .map_err(|_| DnsTimeout(host.to_string()))??
                 .collect();
         if trusted {
             return Ok(addrs);
@@ -143,7 +149,7 @@ mod tests {
     #[tokio::test]
     async fn reqwest_resolves_proxy_names_through_this_resolver() {
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-        crate::install_crypto_provider();
+        super::super::install_crypto_provider();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));

@@ -34,7 +34,7 @@ impl HttpSender {
     /// From `backends.http.timeout`, `notifier.allowed_networks` and
     /// `notifier.signing_secrets` (validated with the config: errors name the key).
     pub fn new(cfg: &Config) -> anyhow::Result<HttpSender> {
-        crate::install_crypto_provider();
+        crate::net::install_crypto_provider();
         let guard = Arc::new(cfg.callback_guard().map_err(anyhow::Error::msg)?);
         let signer =
             Signer::from_config(&cfg.notifier.signing_secrets).map_err(anyhow::Error::msg)?;

@@ -12,7 +12,8 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use tokio::io::AsyncWriteExt;
 
 use crate::errors::{error_chain, find_in_chain};
-use crate::job::{JobRecord, MimePattern, relative_path, sniff_mime};
+use crate::job::{DownloadError, FailureReason, JobRecord, MimePattern, relative_path, sniff_mime};
+use crate::net::resolver::DnsTimeout;
 use crate::net::{AddressRefused, GuardedResolver, NetGuard, ProxyPolicy, ProxyVerdict, classify};
 
 /// Bytes sniffed for the MIME type before the check runs.
@@ -33,15 +34,39 @@ pub enum Outcome {
         body: Option<bytes::Bytes>,
     },
     /// Final: retrying would not help.
-    Fail { error: String, code: u16 },
+    Fail(DownloadError),
     /// Worth another attempt; `after` is the origin's Retry-After, `host` the host
     /// that answered (after redirects).
     Retry {
-        error: String,
-        code: u16,
+        error: DownloadError,
         after: Option<Duration>,
         host: Option<String>,
     },
+}
+
+impl Outcome {
+    /// A failure worth another attempt, with no word from the origin on when.
+    fn retry(error: DownloadError) -> Outcome {
+        Outcome::Retry {
+            error,
+            after: None,
+            host: None,
+        }
+    }
+
+    /// The same outcome, the origin having answered `code` (a failure found in the
+    /// body keeps the status that came before it).
+    fn answered(self, code: u16) -> Outcome {
+        match self {
+            Outcome::Fail(e) => Outcome::Fail(e.answered(code)),
+            Outcome::Retry { error, after, host } => Outcome::Retry {
+                error: error.answered(code),
+                after,
+                host,
+            },
+            success => success,
+        }
+    }
 }
 
 /// How long a download may take.
@@ -75,7 +100,7 @@ impl Fetcher {
         timeouts: Timeouts,
         root: PathBuf,
     ) -> anyhow::Result<Fetcher> {
-        crate::install_crypto_provider();
+        crate::net::install_crypto_provider();
         Ok(Fetcher {
             guard: proxies.guard().clone(),
             proxies,
@@ -142,36 +167,37 @@ impl Fetcher {
 
     /// Downloads the job's URL to its final path.
     pub async fn fetch(&self, job: &JobRecord, proxy: Option<&str>) -> Outcome {
-        let fail = |error: String| Outcome::Fail { error, code: 0 };
+        use FailureReason::{AddressRefused as Refused, Other};
+        let fail = |reason, error: String| Outcome::Fail(DownloadError::new(reason, error));
         let url = match url::Url::parse(&job.spec.url) {
             Ok(u) => u,
-            Err(e) => return fail(format!("invalid URL: {e}")),
+            Err(e) => return fail(Other, format!("invalid URL: {e}")),
         };
         // Also behind a proxy: it would resolve a name itself, but it would reach a
         // literal internal address (or localhost) just the same.
         if let Err(e) = self.guard.check_url(&url) {
-            return fail(e.to_string());
+            return fail(Refused, e.to_string());
         }
         // Again here, not only at submit: the config may have changed since, or an
         // older web accepted the job. Refused: final, retrying would not help.
         let proxy = match proxy.map(|p| self.proxies.check(p).map(|v| (p, v))) {
             None => None,
             Some(Ok(pv)) => Some(pv),
-            Some(Err(e)) => return fail(e.to_string()),
+            Some(Err(e)) => return fail(Refused, e.to_string()),
         };
         let proxy = proxy.as_ref().map(|(p, v)| (*p, v));
         let mime = match MimePattern::parse(&job.spec.mime_type) {
             Ok(m) => m,
-            Err(e) => return fail(e.0),
+            Err(e) => return fail(Other, e.0),
         };
         let client = match self.client(proxy) {
             Ok(c) => c,
-            Err(e) => return fail(e),
+            Err(e) => return fail(Other, e),
         };
         let mut headers = self.headers.clone();
         match header_map(&job.spec.request_headers) {
             Ok(h) => headers.extend(h),
-            Err(e) => return fail(e.to_string()),
+            Err(e) => return fail(Other, e.to_string()),
         }
         let timeout = job
             .spec
@@ -193,32 +219,28 @@ impl Fetcher {
                     && classify::normalize_name(&r.host) == v.host
                 {
                     // The proxy's own name resolved to no permitted address.
-                    return fail(v.refused(r).to_string());
+                    return fail(Refused, v.refused(r).to_string());
                 }
-                return classify(&e, 0, timeout);
+                return classify(&e, timeout);
             }
         };
         let code = resp.status().as_u16();
         if !resp.status().is_success() {
-            let error = format!("Received status code {code}");
+            let error = DownloadError::status(code);
             return if code == 429 || resp.status().is_server_error() {
                 Outcome::Retry {
                     error,
-                    code,
                     after: retry_after(resp.headers()),
                     host: resp.url().host_str().map(str::to_ascii_lowercase),
                 }
             } else {
-                Outcome::Fail { error, code }
+                Outcome::Fail(error)
             };
         }
         if let Some(len) = resp.content_length()
             && len > self.max_bytes
         {
-            return Outcome::Fail {
-                error: too_large(len, self.max_bytes),
-                code,
-            };
+            return Outcome::Fail(too_large(len, self.max_bytes).answered(code));
         }
 
         let dest = self.final_path(&job.id);
@@ -249,12 +271,7 @@ impl Fetcher {
                     body,
                 }
             }
-            Err(mut o) => {
-                if let Outcome::Fail { code: c, .. } | Outcome::Retry { code: c, .. } = &mut o {
-                    *c = code;
-                }
-                o
-            }
+            Err(o) => o.answered(code),
         }
     }
 
@@ -287,16 +304,20 @@ impl Fetcher {
             let chunk = match next {
                 Some(Ok(c)) => c,
                 Some(Err(e)) => {
-                    let mut o = classify(&e, 0, timeout);
+                    let mut o = classify(&e, timeout);
                     if let Outcome::Retry { error, .. } = &mut o
                         && !e.is_timeout()
                     {
-                        *error = match expected {
-                            Some(n) => format!("unexpected EOF: got {total} of {n} bytes"),
-                            None => {
-                                format!("unexpected EOF after {total} bytes: {}", error_chain(&e))
-                            }
-                        };
+                        *error = DownloadError::new(
+                            FailureReason::Truncated,
+                            match expected {
+                                Some(n) => format!("unexpected EOF: got {total} of {n} bytes"),
+                                None => format!(
+                                    "unexpected EOF after {total} bytes: {}",
+                                    error_chain(&e)
+                                ),
+                            },
+                        );
                     }
                     return Err(o);
                 }
@@ -304,10 +325,7 @@ impl Fetcher {
             };
             total += chunk.len() as u64;
             if total > self.max_bytes {
-                return Err(Outcome::Fail {
-                    error: too_large(total, self.max_bytes),
-                    code: 0,
-                });
+                return Err(Outcome::Fail(too_large(total, self.max_bytes)));
             }
             if !checked {
                 let take = (SNIFF_BYTES - head.len()).min(chunk.len());
@@ -365,12 +383,10 @@ pub async fn write_atomic(dest: PathBuf, data: Vec<u8>) -> std::io::Result<()> {
 const IN_MEMORY_BYTES: u64 = 256 * 1024;
 
 fn write_error(e: std::io::Error) -> Outcome {
-    Outcome::Retry {
-        error: format!("cannot write file: {e}"),
-        code: 0,
-        after: None,
-        host: None,
-    }
+    Outcome::retry(DownloadError::new(
+        FailureReason::Storage,
+        format!("cannot write file: {e}"),
+    ))
 }
 
 /// Creates `path` (and its directory) holding `parts`, in order.
@@ -402,11 +418,14 @@ async fn blocking<T: Send + 'static>(
 
 fn check_mime(mime: &MimePattern, head: &[u8]) -> Result<(), Outcome> {
     mime.check(&sniff_mime(head))
-        .map_err(|error| Outcome::Fail { error, code: 0 })
+        .map_err(|error| Outcome::Fail(DownloadError::new(FailureReason::Mime, error)))
 }
 
-fn too_large(len: u64, max: u64) -> String {
-    format!("file is larger than the limit of {max} bytes ({len} bytes or more)")
+fn too_large(len: u64, max: u64) -> DownloadError {
+    DownloadError::new(
+        FailureReason::TooLarge,
+        format!("file is larger than the limit of {max} bytes ({len} bytes or more)"),
+    )
 }
 
 async fn image_size(path: PathBuf) -> String {
@@ -480,26 +499,22 @@ fn retry_after(h: &HeaderMap) -> Option<Duration> {
 
 /// The transfer took longer than `timeout`: retried.
 fn timed_out(timeout: Duration) -> Outcome {
-    Outcome::Retry {
-        error: format!("download timed out after {}s", timeout.as_secs()),
-        code: 0,
-        after: None,
-        host: None,
-    }
+    Outcome::retry(DownloadError::new(
+        FailureReason::Timeout,
+        format!("download timed out after {}s", timeout.as_secs()),
+    ))
 }
 
 /// The origin sent nothing for `idle` (`processor.read_idle_timeout`): retried, as a
 /// timeout is.
 fn stalled(idle: Duration, when: &str) -> Outcome {
-    Outcome::Retry {
-        error: format!(
+    Outcome::retry(DownloadError::new(
+        FailureReason::Timeout,
+        format!(
             "download stalled: nothing received for {}s {when} (processor.read_idle_timeout)",
             secs(idle)
         ),
-        code: 0,
-        after: None,
-        host: None,
-    }
+    ))
 }
 
 /// Seconds for messages: `30`, `0.5`.
@@ -512,28 +527,44 @@ fn secs(d: Duration) -> String {
     }
 }
 
-fn classify(e: &reqwest::Error, code: u16, timeout: Duration) -> Outcome {
-    let fail = |error: String| Outcome::Fail { error, code };
-    let retry = |error: String| Outcome::Retry {
-        error,
-        code,
-        after: None,
-        host: None,
-    };
+/// A request that failed without an answer (or a body that broke off): refused and
+/// TLS failures are final, the rest is retried.
+fn classify(e: &reqwest::Error, timeout: Duration) -> Outcome {
+    let fail = |reason, error: String| Outcome::Fail(DownloadError::new(reason, error));
     if let Some(r) = find_in_chain::<AddressRefused>(e) {
-        return fail(r.to_string());
+        return fail(FailureReason::AddressRefused, r.to_string());
     }
     if let Some(t) = find_in_chain::<rustls::Error>(e) {
-        return fail(format!("TLS error: {t}"));
+        return fail(FailureReason::Tls, format!("TLS error: {t}"));
     }
     if e.is_timeout() {
         return timed_out(timeout);
     }
-    if e.is_redirect() {
-        return fail(error_chain(e));
+    if e.is_redirect() || e.is_builder() || e.is_request() && e.source().is_none() {
+        return fail(FailureReason::Other, error_chain(e));
     }
-    if e.is_builder() || e.is_request() && e.source().is_none() {
-        return fail(error_chain(e));
+    Outcome::retry(DownloadError::new(transport_reason(e), error_chain(e)))
+}
+
+/// Why a request that may work next time failed: our resolver's lookup timed out
+/// (reqwest's `is_timeout` does not know that error), no connection came about, or
+/// the connection broke before the answer; else `Other`.
+fn transport_reason(e: &reqwest::Error) -> FailureReason {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    if find_in_chain::<DnsTimeout>(e).is_some() {
+        return FailureReason::Timeout;
     }
-    retry(error_chain(e))
+    let broke = find_in_chain::<hyper::Error>(e)
+        .is_some_and(|h| h.is_incomplete_message() || h.is_closed() || h.is_canceled())
+        || find_in_chain::<std::io::Error>(e).is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            )
+        });
+    if e.is_connect() || broke {
+        FailureReason::Connection
+    } else {
+        FailureReason::Other
+    }
 }

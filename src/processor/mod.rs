@@ -14,7 +14,7 @@ pub mod fetch;
 pub mod share;
 
 use crate::config::Config;
-use crate::job::{JobRecord, ThumbnailInfo};
+use crate::job::{DownloadError, FailureReason, JobRecord, ThumbnailInfo};
 use crate::stats::Stats;
 use crate::store::{Claimed, DownloadResult, HostLimits, HostPermit, Queue, Store, WaitReason};
 use crate::thumbnail::{Class, Thumbnailer};
@@ -260,13 +260,16 @@ impl Processor {
         match result {
             Ok(made) => (outcome, made),
             // Thumbnailing the same bytes again would fail the same way: not retried.
-            Err(error) => (Outcome::Fail { error, code }, Vec::new()),
+            Err(error) => {
+                let error = DownloadError::new(FailureReason::Thumbnail, error).answered(code);
+                (Outcome::Fail(error), Vec::new())
+            }
         }
     }
 
     async fn record(&self, c: &Claimed, outcome: Outcome, thumbnails: Vec<ThumbnailInfo>) {
         let job = &c.job;
-        let (result, retry) = match outcome {
+        let (result, failure, retry) = match outcome {
             Outcome::Success {
                 code,
                 image_size,
@@ -289,29 +292,35 @@ impl Processor {
                         },
                     },
                     None,
+                    None,
                 )
             }
-            Outcome::Fail { error, code } => {
-                self.count_failure(code);
-                tracing::warn!(error, code, "download failed");
-                (failed(error, code), None)
+            Outcome::Fail(e) => {
+                self.count_failure(e.code);
+                tracing::warn!(error = e.message.as_str(), code = e.code, "download failed");
+                (failed(&e), Some(e.reason), None)
             }
             Outcome::Retry {
-                error, code, after, ..
+                error: e, after, ..
             } => {
-                self.count_failure(code);
+                self.count_failure(e.code);
+                let (error, code) = (e.message.as_str(), e.code);
                 let attempts = job.download_attempts;
                 if attempts > job.spec.max_retries {
                     tracing::warn!(error, code, attempts, "download failed; no retries left");
-                    (failed(error, code), None)
+                    (failed(&e), Some(e.reason), None)
                 } else {
                     let delay = self.retry_delay(attempts, after);
                     tracing::info!(error, code, attempts, ?delay, "download will be retried");
-                    (failed(error, code), Some(delay))
+                    (failed(&e), Some(e.reason), Some(delay))
                 }
             }
         };
-        crate::metrics::metrics().download_finished(&result, retry.is_some());
+        let metrics = crate::metrics::metrics();
+        match failure {
+            None => metrics.download_succeeded(),
+            Some(reason) => metrics.download_failed(reason, retry.is_some()),
+        }
         let (id, token) = (job.id.as_str(), c.token.as_str());
         match retry {
             Some(delay) => {
@@ -332,7 +341,8 @@ impl Processor {
     /// The origin answered 429/503 with Retry-After: pause its host (for every
     /// processor) as long as it asks, within `max_host_pause_secs`, and run the job
     /// again after it without spending an attempt.
-    async fn pause_host(&self, c: &Claimed, host: &str, code: u16, error: String, after: Duration) {
+    async fn pause_host(&self, c: &Claimed, host: &str, answer: DownloadError, after: Duration) {
+        let (code, error) = (answer.code, answer.message.as_str());
         // `Retry-After: 0` (or a date past) must not make a loop that spends nothing.
         let pause = after.clamp(MIN_HOST_PAUSE, self.max_host_pause.max(MIN_HOST_PAUSE));
         self.stats.add("hostPauses", 1);
@@ -348,7 +358,7 @@ impl Processor {
         if let Err(e) = self.store.pause_host(host, pause).await {
             tracing::warn!(error = %e, "cannot record the host's pause");
         }
-        let answer = failed(error, code);
+        let answer = failed(&answer);
         self.defer(c, host, Some(&answer), pause, WaitReason::HostPaused)
             .await;
     }
@@ -417,11 +427,12 @@ impl Processor {
     }
 }
 
-fn failed(error: String, code: u16) -> DownloadResult {
+/// What the store records of a failed attempt; its reason goes to the metrics only.
+fn failed(error: &DownloadError) -> DownloadResult {
     DownloadResult {
         success: false,
-        error,
-        response_code: code,
+        error: error.message.clone(),
+        response_code: error.code,
         image_size: String::new(),
         thumbnails: String::new(),
     }
@@ -468,11 +479,11 @@ impl Handler for Processor {
                 // that never stops asking gets ordinary retries, which run out. The host
                 // that answered is paused: after a redirect, that is the redirect's
                 // target (a CDN, say), not the job's own host.
-                Some((Outcome::Retry { error, code: code @ (429 | 503), after: Some(after), host: answered }, _))
-                    if c.job.download_pauses < MAX_FREE_PAUSES =>
+                Some((Outcome::Retry { error, after: Some(after), host: answered }, _))
+                    if matches!(error.code, 429 | 503) && c.job.download_pauses < MAX_FREE_PAUSES =>
                 {
                     let paused = answered.unwrap_or(host);
-                    self.pause_host(&c, &paused, code, error, after).await
+                    self.pause_host(&c, &paused, error, after).await
                 }
                 Some((o, thumbnails)) => self.record(&c, o, thumbnails).await,
                 None => {

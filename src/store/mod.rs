@@ -11,6 +11,10 @@ use async_trait::async_trait;
 use crate::job::{JobRecord, JobSpec};
 
 pub mod clock;
+// Defined below the store, beside their other users: the config's keys, the job record.
+pub use crate::config::{AggrSettings, HostLimits};
+pub use crate::job::WaitReason;
+
 pub mod embedded;
 pub mod redis;
 pub mod schema;
@@ -58,24 +62,6 @@ pub struct DownloadResult {
     pub thumbnails: String,
 }
 
-/// Per-host politeness, the same in every processor's config: `rate` requests per
-/// second to one host (0: off) with `burst`, and at most `concurrency` downloads from
-/// one host at once (0: off).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HostLimits {
-    pub rate: f64,
-    pub burst: u32,
-    pub concurrency: u32,
-}
-
-impl HostLimits {
-    pub const OFF: HostLimits = HostLimits {
-        rate: 0.0,
-        burst: 1,
-        concurrency: 0,
-    };
-}
-
 /// A download refused for its host's concurrency is parked until a download frees one
 /// of the host's slots; it asks again after this long at the latest (a lost wake-up,
 /// or limits changed by a restart).
@@ -95,41 +81,6 @@ pub enum HostPermit {
     },
     /// The lease is gone.
     Lost,
-}
-
-/// Why a pending download is waiting (shown by `GET /jobs/{id}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WaitReason {
-    /// Its aggregation's `aggr_rate`.
-    AggrRate,
-    /// The host asked for a pause (429/503 with Retry-After).
-    HostPaused,
-    /// `processor.per_host_rate`.
-    HostRate,
-    /// `processor.per_host_concurrency`.
-    HostConcurrency,
-}
-
-impl WaitReason {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            WaitReason::AggrRate => "aggr_rate",
-            WaitReason::HostPaused => "host_paused",
-            WaitReason::HostRate => "host_rate",
-            WaitReason::HostConcurrency => "host_concurrency",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<WaitReason> {
-        [
-            WaitReason::AggrRate,
-            WaitReason::HostPaused,
-            WaitReason::HostRate,
-            WaitReason::HostConcurrency,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == s)
-    }
 }
 
 /// What one claim may take at most, for the processor's fair shares of its download
@@ -310,29 +261,6 @@ impl Queue {
         match self {
             Queue::Download => "dl",
             Queue::Callback => "cb",
-        }
-    }
-}
-
-/// What a submit does to the settings (limit, proxy, rate, burst) of an aggregation
-/// that already has jobs (`api.aggregation_settings`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AggrSettings {
-    /// The last job's settings win (the reference's behaviour).
-    #[default]
-    Last,
-    /// The first job's settings stay until the aggregation has no job left in its
-    /// download phase (pending, delayed or in flight); later jobs' settings are
-    /// ignored until then.
-    First,
-}
-
-impl AggrSettings {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AggrSettings::Last => "last",
-            AggrSettings::First => "first",
         }
     }
 }

@@ -20,8 +20,6 @@ pub mod bmp_decode;
 pub mod cli;
 pub mod gif_decode;
 mod gif_frames;
-#[cfg(feature = "service")]
-pub mod http;
 pub mod jpeg_dc;
 pub mod pipeline;
 mod spec;

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::{ByteBudget, Reservation};
-use crate::metrics::{ReasonLabel, metrics};
+use crate::metrics::{REFUSAL_REASONS, ReasonLabel, metrics};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -46,14 +46,6 @@ const RETRY_AFTER_SECS: u32 = 1;
 /// Granularity of the reservations of a body without `Content-Length` (chunked): it
 /// reserves as its bytes arrive, at least this much more at a time.
 const CHUNKED_STEP: u64 = 64 << 10;
-
-/// Reasons of `downloader_http_refused_total`: a fixed set.
-pub const REFUSAL_REASONS: [&str; 4] = [
-    "connections",
-    "body_budget",
-    "body_deadline",
-    "write_deadline",
-];
 
 /// Counts one refusal (`reason` is one of [`REFUSAL_REASONS`]).
 pub fn count_refusal(reason: &'static str) {

@@ -414,7 +414,7 @@ pub async fn run_cli(command: Command, cfg: &crate::config::Config) -> ExitCode 
             Plan::Retry(target, limit)
         }
     };
-    let store = match crate::connect_store(cfg).await {
+    let store = match crate::connect::connect_store(cfg).await {
         Ok(s) => s,
         Err(e) => {
             let hint = match cfg.store_kind() {

@@ -27,6 +27,7 @@ pub mod ops;
 pub use guard::{Caller, Guard};
 pub mod server;
 pub use server::{Limits, serve};
+pub mod thumbnail;
 
 /// Largest `POST /download` body accepted by default.
 const DEFAULT_MAX_BODY: usize = 1 << 20;
@@ -140,7 +141,7 @@ pub fn router(
     let mut r = api
         .with_state(state)
         .merge(ops::router(ops))
-        .merge(crate::thumbnail::http::router(thumbnailer));
+        .merge(thumbnail::router(thumbnailer));
     if let Some(root) = files {
         // Refuses `..`, encoded or not, and symlinks out of `root`.
         r = r.nest_service("/files", files::service(root));

@@ -13,7 +13,7 @@
 //! `api.max_connections`, a request-body budget and deadline, a response write deadline.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
@@ -30,6 +30,8 @@ use super::bounds::{
     Admission, BodyFailure, Bounded, HEALTH_RESERVE, ServerIo, Slots, body_failure,
 };
 use crate::budget::ByteBudget;
+use crate::config::{ApiConfig, DEFAULT_BODY_BUDGET};
+use crate::metrics::OPEN_CONNECTIONS;
 
 /// Timeouts, caps and drain bound of one server.
 #[derive(Debug, Clone)]
@@ -53,9 +55,6 @@ pub struct Limits {
     pub body_budget: ByteBudget,
 }
 
-/// `api.max_inflight_body_bytes`'s default.
-pub const DEFAULT_BODY_BUDGET: u64 = 256 << 20;
-
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -66,6 +65,24 @@ impl Default for Limits {
             shutdown_grace: Duration::from_secs(30),
             max_connections: default_max_connections(fd_limit()),
             body_budget: ByteBudget::new(DEFAULT_BODY_BUDGET),
+        }
+    }
+}
+
+impl Limits {
+    /// The `api.*` timeouts and caps, with a new body budget: make them once per
+    /// process and give clones to its listeners, so that they share the budget.
+    pub fn from_config(api: &ApiConfig) -> Limits {
+        Limits {
+            header_timeout: Duration::from_secs_f64(api.header_timeout_secs),
+            body_timeout: Duration::from_secs_f64(api.body_timeout_secs),
+            body_total_timeout: Duration::from_secs_f64(api.body_total_timeout_secs),
+            response_timeout: Duration::from_secs_f64(api.response_timeout_secs),
+            shutdown_grace: Duration::from_secs_f64(api.shutdown_grace_secs),
+            max_connections: api
+                .max_connections
+                .unwrap_or_else(|| default_max_connections(fd_limit())),
+            body_budget: ByteBudget::new(api.max_inflight_body_bytes),
         }
     }
 }
@@ -100,9 +117,6 @@ pub fn default_max_connections(soft: Option<u64>) -> usize {
     let (floor, ceiling) = DEFAULT_CONNECTIONS;
     connections_allowed_by(soft).clamp(floor, ceiling) as usize
 }
-
-/// Open HTTP connections of this process's servers (for `/metrics`).
-pub static OPEN_CONNECTIONS: AtomicI64 = AtomicI64::new(0);
 
 struct ConnGuard;
 

@@ -1,131 +1,22 @@
-//! Jobs: what a client submits, how it is validated, what the store keeps of it, and
-//! the callback payload the client receives when it ends.
+//! Validation of a `POST /download` body into a [`JobSpec`], field by field, under
+//! the [`SubmitLimits`] (`api.*`, `processor.max_download_timeout`); every error
+//! names its field.
 
 use std::collections::BTreeMap;
 
-use rand::RngCore;
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// Retries of a download when the job does not say (reference default).
-pub const DEFAULT_MAX_RETRIES: u32 = 2;
-
-/// What a client asked for. Stored as JSON in the job record; immutable after submit.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct JobSpec {
-    pub url: String,
-    pub aggr_id: String,
-    pub aggr_limit: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aggr_proxy: Option<String>,
-    /// Requests per second the aggregation may start (GCRA, across processors).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aggr_rate: Option<f64>,
-    /// Requests the aggregation may start at once after an idle spell (with a rate).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aggr_burst: Option<u32>,
-    /// Where the callback goes; `None` only for jobs with their own S3 bucket.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub callback: Option<Callback>,
-    #[serde(default)]
-    pub extra: String,
-    #[serde(default)]
-    pub mime_type: String,
-    pub max_retries: u32,
-    #[serde(default)]
-    pub extract_image_size: bool,
-    /// Seconds the whole transfer may take.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub download_timeout: Option<u64>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub request_headers: BTreeMap<String, String>,
-    /// Thumbnail specs as submitted (validated with `thumbnail::Spec`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub thumbnails: Vec<Value>,
-    /// The name of the API token that submitted the job (`api.tokens`); never taken
-    /// from the request body. Its aggregations are its own (see [`JobSpec::aggr_key`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tenant: Option<String>,
-}
-
-/// Highest `aggr_rate` accepted (requests per second).
-pub const MAX_RATE: f64 = 100_000.0;
-/// Lowest `aggr_rate` accepted: one request in about 17 minutes.
-pub const MIN_RATE: f64 = 0.001;
-/// Highest `aggr_burst` accepted.
-pub const MAX_BURST: u64 = 100_000;
-
-/// Thumbnails one job may ask for.
-pub const MAX_THUMBNAILS: usize = 8;
-
-/// Marks a tenant's aggregation key: `@<tenant>/<aggr_id>`. Token names cannot
-/// contain `/`, so two tenants' keys never meet.
-pub const TENANT_MARK: char = '@';
-
-impl JobSpec {
-    /// The aggregation in the store: `aggr_id` itself for a job without a tenant,
-    /// else `@<tenant>/<aggr_id>`, so that one token's jobs can neither change nor
-    /// see another's aggregation of the same name.
-    pub fn aggr_key(&self) -> String {
-        match &self.tenant {
-            Some(t) => format!("{TENANT_MARK}{t}/{}", self.aggr_id),
-            None => self.aggr_id.clone(),
-        }
-    }
-
-    /// The tenant whose aggregation `aggr_key` is (see [`JobSpec::aggr_key`]), if any.
-    pub fn tenant_of(aggr_key: &str) -> Option<&str> {
-        aggr_key
-            .strip_prefix(TENANT_MARK)
-            .and_then(|rest| rest.split_once('/'))
-            .map(|(t, _)| t)
-    }
-
-    /// The URL's host (lower case): the key of per-host limits and pauses.
-    pub fn host(&self) -> String {
-        url::Url::parse(&self.url)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
-            .unwrap_or_default()
-    }
-
-    /// The job's thumbnail specs, parsed (they were validated at submit).
-    pub fn thumbnail_specs(&self) -> Result<Vec<crate::thumbnail::Spec>, String> {
-        self.thumbnails
-            .iter()
-            .enumerate()
-            .map(|(i, v)| crate::thumbnail::Spec::from_json_at(v, &format!("thumbnails[{i}]")))
-            .collect()
-    }
-}
-
-/// A thumbnail made for a job, as recorded and reported in the callback.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ThumbnailInfo {
-    pub name: String,
-    /// Path relative to the storage root (`<id[0:3]>/<id>.<name>.<ext>`); the
-    /// callback carries it as a URL under `download_url`.
-    #[serde(rename = "url")]
-    pub path: String,
-    pub width: u32,
-    pub height: u32,
-    pub format: String,
-    pub bytes: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Callback {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub dst: String,
-}
+use super::{
+    Callback, DEFAULT_MAX_RETRIES, JobSpec, MAX_BURST, MAX_RATE, MAX_THUMBNAILS, MIN_RATE,
+    MimePattern,
+};
 
 /// A field that failed validation; the message names the field.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{0}")]
 pub struct ValidationError(pub String);
 
-fn invalid(msg: impl Into<String>) -> ValidationError {
+pub(super) fn invalid(msg: impl Into<String>) -> ValidationError {
     ValidationError(msg.into())
 }
 
@@ -498,222 +389,6 @@ impl JobSpec {
     }
 }
 
-/// A new URL-safe random job id: 16 random bytes, base64url without padding (22 chars).
-pub fn new_id() -> String {
-    use base64::Engine;
-    let mut b = [0u8; 16];
-    rand::rng().fill_bytes(&mut b);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
-}
-
-/// Whether `id` could be one of ours; guards file paths built from ids.
-pub fn is_valid_id(id: &str) -> bool {
-    id.len() >= 3
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// Path of a job's file relative to the storage root: `<id[0:3]>/<id>`.
-pub fn relative_path(id: &str) -> String {
-    format!("{}/{}", &id[..3], id)
-}
-
-/// The job's `mime_type`: comma-separated glob patterns, `!` negates; all must hold.
-#[derive(Debug, Clone)]
-pub struct MimePattern {
-    checks: Vec<(glob::Pattern, bool)>,
-}
-
-impl MimePattern {
-    pub fn parse(s: &str) -> Result<MimePattern, ValidationError> {
-        let mut checks = Vec::new();
-        for part in s.split(',') {
-            let part = part.trim();
-            if part.is_empty() {
-                continue;
-            }
-            let (pat, negate) = match part.strip_prefix('!') {
-                Some(p) => (p.trim(), true),
-                None => (part, false),
-            };
-            let p = glob::Pattern::new(pat)
-                .map_err(|e| invalid(format!("mime_type: invalid pattern {part:?}: {e}")))?;
-            checks.push((p, negate));
-        }
-        Ok(MimePattern { checks })
-    }
-
-    /// `Err` names the first failing check and the type found.
-    pub fn check(&self, mime: &str) -> Result<(), String> {
-        for (pat, negate) in &self.checks {
-            if pat.matches(mime) == *negate {
-                return Err(if *negate {
-                    format!(
-                        "Expected mime-type not to be ({}), found ({mime})",
-                        pat.as_str()
-                    )
-                } else {
-                    format!(
-                        "Expected mime-type to be ({}), found ({mime})",
-                        pat.as_str()
-                    )
-                });
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The MIME type of a file from its first bytes.
-pub fn sniff_mime(head: &[u8]) -> String {
-    if head.is_empty() {
-        return "application/x-empty".into();
-    }
-    if let Some(t) = infer::get(head) {
-        return t.mime_type().to_string();
-    }
-    if looks_like_text(head) {
-        "text/plain".into()
-    } else {
-        "application/octet-stream".into()
-    }
-}
-
-fn looks_like_text(head: &[u8]) -> bool {
-    // A UTF-8 sequence may be cut at the end of the sniffed window.
-    let valid = match std::str::from_utf8(head) {
-        Ok(_) => true,
-        Err(e) => e.error_len().is_none(),
-    };
-    valid
-        && head
-            .iter()
-            .all(|&b| b >= 0x20 || matches!(b, b'\n' | b'\r' | b'\t' | 0x0c | 0x1b))
-}
-
-/// State of a download or a callback, with the reference's names.
-pub mod state {
-    pub const PENDING: &str = "Pending";
-    pub const IN_PROGRESS: &str = "InProgress";
-    pub const SUCCESS: &str = "Success";
-    pub const FAILED: &str = "Failed";
-}
-
-/// `waiting_for` of a callback parked until its receiver has a free slot.
-pub const CALLBACK_DESTINATION_WAIT: &str = "callback_destination";
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
-
-/// A job as the store keeps it: the spec plus its mutable state.
-#[derive(Debug, Clone, Serialize)]
-pub struct JobRecord {
-    pub id: String,
-    #[serde(flatten)]
-    pub spec: JobSpec,
-    pub download_state: String,
-    pub download_attempts: u32,
-    /// Times the origin paused the job's host (429/503 with Retry-After); these
-    /// retries spend no attempt.
-    pub download_pauses: u32,
-    pub download_error: String,
-    pub response_code: u16,
-    pub image_size: String,
-    pub callback_state: String,
-    pub callback_attempts: u32,
-    /// Times the callback was handed back unattempted since its last attempt ended,
-    /// because its receiver had `notifier.per_host_concurrency` callbacks in flight.
-    #[serde(skip_serializing_if = "is_zero")]
-    pub callback_defers: u32,
-    pub callback_error: String,
-    /// Milliseconds since the Unix epoch; 0 when it has not happened.
-    pub created_at: u64,
-    pub started_at: u64,
-    pub finished_at: u64,
-    pub callback_at: u64,
-    pub next_attempt_at: u64,
-    /// Why a pending download is not running yet (`aggr_rate`, `host_paused`,
-    /// `host_rate`, `host_concurrency`), or a pending callback (`callback_destination`:
-    /// parked until its receiver has a free slot); `next_attempt_at` says until when
-    /// at the latest.
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub waiting_for: String,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub thumbnails_made: Vec<ThumbnailInfo>,
-}
-
-impl JobRecord {
-    /// Pending in its aggregation's queue (not delayed, not running).
-    pub fn queued(&self) -> bool {
-        self.download_state == state::PENDING && self.next_attempt_at == 0
-    }
-
-    /// Notes that the job's aggregation waits for its rate until `until` (ms).
-    pub fn note_aggr_rate_wait(&mut self, until: Option<u64>) {
-        if let Some(until) = until {
-            self.waiting_for = crate::store::WaitReason::AggrRate.as_str().to_string();
-            self.next_attempt_at = until;
-        }
-    }
-
-    /// The JSON body POSTed to the client's callback.
-    pub fn callback_payload(&self, download_base: &str) -> CallbackPayload {
-        let success = self.download_state == state::SUCCESS;
-        CallbackPayload {
-            success,
-            error: self.download_error.clone(),
-            extra: self.spec.extra.clone(),
-            resource_url: self.spec.url.clone(),
-            download_url: if success {
-                download_url(download_base, &self.id)
-            } else {
-                String::new()
-            },
-            job_id: self.id.clone(),
-            response_code: self.response_code,
-            delivered: true,
-            delivery_error: String::new(),
-            image_size: self.image_size.clone(),
-            // Only jobs that asked for thumbnails get the field: the reference's
-            // payload stays identical for everyone else.
-            thumbnails: (!self.spec.thumbnails.is_empty()).then(|| {
-                self.thumbnails_made
-                    .iter()
-                    .map(|t| ThumbnailInfo {
-                        path: format!("{}/{}", download_base.trim_end_matches('/'), t.path),
-                        ..t.clone()
-                    })
-                    .collect()
-            }),
-        }
-    }
-}
-
-/// `<base>/<id[0:3]>/<id>`.
-pub fn download_url(base: &str, id: &str) -> String {
-    format!("{}/{}", base.trim_end_matches('/'), relative_path(id))
-}
-
-/// The reference's callback body, field for field.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CallbackPayload {
-    pub success: bool,
-    pub error: String,
-    pub extra: String,
-    pub resource_url: String,
-    pub download_url: String,
-    pub job_id: String,
-    pub response_code: u16,
-    pub delivered: bool,
-    pub delivery_error: String,
-    pub image_size: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub thumbnails: Option<Vec<ThumbnailInfo>>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -846,14 +521,6 @@ mod tests {
         assert!(with_timeout(6.into(), &tight).is_err());
     }
 
-    #[test]
-    fn tenant_of_an_aggregation_key() {
-        assert_eq!(JobSpec::tenant_of("@shop-1/feed"), Some("shop-1"));
-        assert_eq!(JobSpec::tenant_of("@shop-1/a/b"), Some("shop-1"));
-        assert_eq!(JobSpec::tenant_of("feed"), None);
-        assert_eq!(JobSpec::tenant_of("@no-slash"), None);
-    }
-
     fn with_headers(headers: Value, limits: &SubmitLimits) -> Result<JobSpec, ValidationError> {
         let mut body: Value = serde_json::from_str(OK).unwrap();
         body["request_headers"] = headers;
@@ -938,42 +605,5 @@ mod tests {
                 "{ok}"
             );
         }
-    }
-
-    #[test]
-    fn mime_patterns_and_negation() {
-        let p = MimePattern::parse("image/*,!image/gif").unwrap();
-        assert!(p.check("image/png").is_ok());
-        let e = p.check("image/gif").unwrap_err();
-        assert!(
-            e.starts_with("Expected mime-type") && e.contains("image/gif"),
-            "{e}"
-        );
-        let e = p.check("text/plain").unwrap_err();
-        assert!(e.contains("image/*") && e.contains("text/plain"), "{e}");
-        assert!(MimePattern::parse("").unwrap().check("anything").is_ok());
-    }
-
-    #[test]
-    fn sniffing() {
-        assert_eq!(sniff_mime(b""), "application/x-empty");
-        assert_eq!(sniff_mime(b"hello world\n"), "text/plain");
-        assert_eq!(
-            sniff_mime(&[0u8, 1, 2, 3, 0xff]),
-            "application/octet-stream"
-        );
-        assert_eq!(sniff_mime(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"), "image/png");
-    }
-
-    #[test]
-    fn ids_are_url_safe_and_distinct() {
-        let a = new_id();
-        assert!(is_valid_id(&a) && a.len() == 22);
-        assert_ne!(a, new_id());
-        assert!(!is_valid_id("../etc"));
-        assert_eq!(
-            download_url("http://h/d/", "abcdef"),
-            "http://h/d/abc/abcdef"
-        );
     }
 }

@@ -2,7 +2,8 @@
 //! with the image as the body; answers the thumbnail bytes with their Content-Type, or
 //! `{"error": "..."}` with 400 / 413 / 415 / 422 (503 when the work takes too long or
 //! the thumbnail memory budget has no room for it in that time).
-//! `GET /thumbnail/stats` answers the [`Stats`](super::Stats) as JSON.
+//! `GET /thumbnail/stats` answers the [`Stats`](crate::thumbnail::Stats) as JSON.
+//! The thumbnails themselves are made by [`crate::thumbnail`]; this is its HTTP face.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
-use super::{Spec, Thumbnailer};
+use crate::thumbnail::{Spec, Thumbnailer};
 
 /// How long one request may wait for its thumbnail (queueing included).
 pub const WORK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -78,7 +79,7 @@ async fn make(
                 let msg = format!("request body is over the limit of {limit} bytes");
                 return error(status, msg);
             }
-            return crate::web::body_error(rej).into_response();
+            return super::body_error(rej).into_response();
         }
     };
     // Memory is waited for until the request's own deadline; then 503.
