@@ -20,7 +20,7 @@ read_globals = {
   -- The names per queue (schema.rs, `PerQueue`).
   Q = { fields = { dl = { other_fields = true }, cb = { other_fields = true } } },
   -- The prelude's names:
-  "P", "CLOCK", "now_ms", "n2s", "pause_left", "wake", "refresh", "free_slot",
+  "P", "CLOCK", "EXPIRY_SLACK", "now_ms", "n2s", "pause_left", "wake", "refresh", "free_slot",
   "end_job", "revive", "gcra", "unpark", "free_host", "enqueue_callback",
 }
 -- The prelude defines what the scripts use: unused there is expected.

@@ -194,8 +194,9 @@ pub mod limit {
     pub const READY_TRIES: usize = 16;
     /// Deletion delay of a job without callback whose download was abandoned.
     pub const ABANDONED_KEEP_MS: u64 = 86_400_000;
-    /// Added to every Redis expiry: a key's value says until when it holds; the
-    /// expiry only lets it go some time after, never before.
+    /// Added to every Redis expiry under a manual (test) clock: a key's value says
+    /// until when it holds; the expiry only lets it go some time after, never before
+    /// (the server's own clock, which expiries follow, lags a test's clock).
     pub const EXPIRY_SLACK_MS: u64 = 60_000;
     /// Wake-up tokens a queue keeps at most.
     pub const WAKE_TOKENS: usize = 16;

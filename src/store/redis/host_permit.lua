@@ -31,7 +31,7 @@ if rate > 0 then
 end
 if conc > 0 then
   redis.call('ZADD', slots, n2s(now + lease), id)
-  redis.call('PEXPIRE', slots, n2s(2 * lease + C.EXPIRY_SLACK_MS))
+  redis.call('PEXPIRE', slots, n2s(2 * lease + EXPIRY_SLACK))
   redis.call('HSET', k, F.HOST, h)
 end
 return {'ok', '0'}

@@ -4,7 +4,7 @@ local key, ms = P..K.HOST_PAUSE..ARGV[1], tonumber(ARGV[2])
 local untl = now_ms() + ms
 for _, k in ipairs({key, P..K.HOST_PAUSES}) do
   if (tonumber(redis.call('GET', k) or '0') or 0) < untl then
-    redis.call('SET', k, n2s(untl), 'PX', n2s(ms + C.EXPIRY_SLACK_MS))
+    redis.call('SET', k, n2s(untl), 'PX', n2s(ms + EXPIRY_SLACK))
   end
 end
 return 1

@@ -10,7 +10,7 @@ for i = 3, #ARGV, 2 do
     local h = q == 'dl' and redis.call('HGET', k, F.HOST)
     if h then
       redis.call('ZADD', P..K.HOST_SLOTS..h, 'XX', expiry, id)
-      redis.call('PEXPIRE', P..K.HOST_SLOTS..h, n2s(2 * lease + C.EXPIRY_SLACK_MS))
+      redis.call('PEXPIRE', P..K.HOST_SLOTS..h, n2s(2 * lease + EXPIRY_SLACK))
     end
     out[#out + 1] = 1
   else
