@@ -173,7 +173,7 @@ const MAX_CODES: usize = 4096;
 /// entries once 4096 codes exist) until `out` is full. `src` holds `data_len` bytes of
 /// data followed by 8 zero bytes. `None` on a bad code, an end code before `out` is
 /// full, or reading past the data.
-fn decode_lzw(src: &[u8], data_len: usize, min_size: u32, out: &mut [u8]) -> Option<()> {
+pub fn decode_lzw(src: &[u8], data_len: usize, min_size: u32, out: &mut [u8]) -> Option<()> {
     let clear = 1usize << min_size;
     let end_code = clear + 1;
     let first = clear + 2;
