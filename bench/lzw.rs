@@ -18,7 +18,8 @@
 use std::io::Cursor;
 use std::time::{Duration, Instant};
 
-use downloader::thumbnail::{gif_decode, tiff_lzw};
+use downloader::thumbnail::lzw::{self, Codes};
+use downloader::thumbnail::tiff_lzw;
 use tiff::decoder::Decoder as TiffDecoder;
 use tiff::encoder::{Compression, Predictor, TiffEncoder, colortype};
 use tiff::tags::Tag;
@@ -39,8 +40,6 @@ struct Input {
     name: String,
     kind: Kind,
     parts: Vec<(Vec<u8>, usize)>,
-    /// Zero bytes after each part's data (the GIF decoder reads whole words).
-    pad: usize,
 }
 
 impl Input {
@@ -48,7 +47,7 @@ impl Input {
         self.parts.iter().map(|p| p.1).sum()
     }
     fn in_len(&self) -> usize {
-        self.parts.iter().map(|p| p.0.len() - self.pad).sum()
+        self.parts.iter().map(|p| p.0.len()).sum()
     }
 }
 
@@ -65,13 +64,10 @@ fn from_gif(name: &str, data: &[u8]) -> Result<Input, String> {
         .buffer
         .split_first()
         .ok_or(format!("{name}: empty frame"))?;
-    let mut lzw = lzw.to_vec();
-    lzw.extend_from_slice(&[0; 8]);
     Ok(Input {
         name: name.into(),
         kind: Kind::Gif(min),
-        parts: vec![(lzw, f.width as usize * f.height as usize)],
-        pad: 8,
+        parts: vec![(lzw.to_vec(), f.width as usize * f.height as usize)],
     })
 }
 
@@ -105,7 +101,6 @@ fn from_tiff(name: &str, data: &[u8]) -> Result<Input, String> {
         name: name.into(),
         kind: Kind::Tiff,
         parts,
-        pad: 0,
     })
 }
 
@@ -223,8 +218,7 @@ fn generated() -> Vec<Input> {
 /// Our decoder on one part; `false` if it refused the stream.
 fn ours(kind: Kind, src: &[u8], out: &mut [u8]) -> bool {
     match kind {
-        // `src` ends in the 8 zero bytes this decoder needs.
-        Kind::Gif(min) => gif_decode::decode_lzw(src, src.len() - 8, min as u32, out).is_some(),
+        Kind::Gif(min) => lzw::decode(src, out, Codes::gif(min)).is_ok(),
         Kind::Tiff => tiff_lzw::decode_strip(src, out),
     }
 }
@@ -237,12 +231,16 @@ fn weezl(kind: Kind, src: &[u8], out: &mut [u8]) -> bool {
         Kind::Tiff => weezl::decode::Decoder::with_tiff_size_switch(BitOrder::Msb, 8),
     };
     let (mut i, mut o) = (0, 0);
-    while o < out.len() {
+    // A call right after a Clear code may move nothing (weezl resets its state then), so
+    // only the number of calls is bounded: each of the others moves at least a byte.
+    let mut calls = 16 * src.len() + out.len() + 8;
+    while o < out.len() && calls > 0 {
+        calls -= 1;
         let r = d.decode_bytes(&src[i..], &mut out[o..]);
         i += r.consumed_in;
         o += r.consumed_out;
         match r.status {
-            Ok(LzwStatus::Ok) if r.consumed_in + r.consumed_out > 0 => {}
+            Ok(LzwStatus::Ok) => {}
             Ok(_) => break,
             Err(_) => return false,
         }

@@ -23,6 +23,7 @@ mod gif_frames;
 #[cfg(feature = "service")]
 pub mod http;
 pub mod jpeg_dc;
+pub mod lzw;
 pub mod pipeline;
 mod spec;
 pub mod tiff_lzw;
