@@ -1,4 +1,5 @@
-//! Our LZW strip decoder for TIFF alone: any input must end in `true` (strip filled)
+//! Our LZW strip decoder for TIFF alone (new- and old-style strips, through
+//! `thumbnail::lzw`): any input must end in `true` (strip filled)
 //! or `false` (fall back to the tiff crate), never a panic or an out-of-bounds access.
 #![no_main]
 

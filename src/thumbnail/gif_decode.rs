@@ -2,8 +2,8 @@
 //!
 //! The `image` wrapper has the `gif` crate expand every pixel to RGBA, then the pipeline
 //! scans the result for transparency and copies it to RGB; here the LZW codes become
-//! palette indices (the same trick as [`super::tiff_lzw`]: a table entry is a span of the
-//! output already written) and each index becomes RGB, or RGBA only when the frame
+//! palette indices (through [`super::lzw`], whose table entries are spans of the output
+//! already written) and each index becomes RGB, or RGBA only when the frame
 //! really has a transparent pixel or leaves part of the canvas uncovered.
 //!
 //! It parses untrusted bytes, so every read is bounds-checked, and anything unusual (no
@@ -12,6 +12,7 @@
 //! file with the `image` crate, which reports any error exactly as before.
 
 use super::gif_frames::skip_sub_blocks;
+use super::lzw::{self, Codes};
 
 /// A decoded frame on its logical screen: RGB (`channels` 3) or RGBA (4), row-major.
 pub struct Canvas {
@@ -85,13 +86,12 @@ pub fn decode_first_frame(d: &[u8], max_alloc: u64) -> Option<Canvas> {
     if frame + (sw * sh) as u64 * channels_max > max_alloc {
         return None;
     }
-    let min_size = *d.get(pos)? as u32;
+    let min_size = *d.get(pos)?;
     if !(2..=8).contains(&min_size) {
         return None;
     }
-    // The LZW data is split into sub-blocks of up to 255 bytes: join them, then 8 zero
-    // bytes so that the bit reader can always load a whole word.
-    let mut lzw = Vec::with_capacity(d.len() - pos);
+    // The LZW data is split into sub-blocks of up to 255 bytes: join them.
+    let mut stream = Vec::with_capacity(d.len() - pos);
     let mut q = pos + 1;
     loop {
         let len = *d.get(q)? as usize;
@@ -99,13 +99,11 @@ pub fn decode_first_frame(d: &[u8], max_alloc: u64) -> Option<Canvas> {
         if len == 0 {
             break;
         }
-        lzw.extend_from_slice(d.get(q..q + len)?);
+        stream.extend_from_slice(d.get(q..q + len)?);
         q += len;
     }
-    let data_len = lzw.len();
-    lzw.extend_from_slice(&[0; 8]);
     let mut indices = vec![0u8; w * h];
-    decode_lzw(&lzw, data_len, min_size, &mut indices)?;
+    lzw::decode(&stream, &mut indices, Codes::gif(min_size)).ok()?;
 
     // Rows in the order they were stored: interlaced frames store every 8th row from 0,
     // every 8th from 4, every 4th from 2, then every 2nd from 1.
@@ -165,73 +163,6 @@ pub fn decode_first_frame(d: &[u8], max_alloc: u64) -> Option<Canvas> {
         channels: 4,
         data,
     })
-}
-
-const MAX_CODES: usize = 4096;
-
-/// Decode GIF LZW (LSB-first codes, the width grows once the table fills it, no new
-/// entries once 4096 codes exist) until `out` is full. `src` holds `data_len` bytes of
-/// data followed by 8 zero bytes. `None` on a bad code, an end code before `out` is
-/// full, or reading past the data.
-fn decode_lzw(src: &[u8], data_len: usize, min_size: u32, out: &mut [u8]) -> Option<()> {
-    let clear = 1usize << min_size;
-    let end_code = clear + 1;
-    let first = clear + 2;
-    let mut offs = [0u32; MAX_CODES];
-    let mut lens = [0u16; MAX_CODES];
-    let mut next = first;
-    let mut width = min_size + 1;
-    // Output span of the previous code, if any since the last clear code.
-    let mut prev: Option<(usize, usize)> = None;
-    let (mut acc, mut nbits, mut ip) = (0u64, 0u32, 0usize);
-    let end = out.len();
-    let mut p = 0usize;
-    while p < end {
-        if nbits < width {
-            // Branchless refill: the bits above `nbits` are true stream bits too, so
-            // OR-ing the same bytes in again at the next refill changes nothing.
-            let w = src
-                .get(ip..ip + 8)
-                .map_or(0, |c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
-            acc |= w << nbits;
-            ip += ((63 - nbits) >> 3) as usize;
-            nbits |= 56;
-        }
-        let code = (acc & ((1u64 << width) - 1)) as usize;
-        acc >>= width;
-        nbits -= width;
-        if code == clear {
-            next = first;
-            width = min_size + 1;
-            prev = None;
-            continue;
-        }
-        let (off, len) = if code < clear {
-            (usize::MAX, 1)
-        } else if code < next && code != end_code {
-            (offs[code] as usize, lens[code] as usize)
-        } else if code == next
-            && let Some((pp, pl)) = prev
-        {
-            (pp, pl + 1)
-        } else {
-            return None;
-        };
-        if let Some((pp, pl)) = prev
-            && next < MAX_CODES
-        {
-            offs[next] = pp as u32;
-            lens[next] = (pl + 1) as u16;
-            next += 1;
-            if next == 1 << width && width < 12 {
-                width += 1;
-            }
-        }
-        prev = Some((p, len));
-        p += super::tiff_lzw::put_string(out, p, code as u8, off, len);
-    }
-    // Codes read from the zero padding mean the data ended early.
-    (ip * 8 - nbits as usize <= data_len * 8).then_some(())
 }
 
 #[cfg(test)]

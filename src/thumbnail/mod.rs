@@ -21,6 +21,7 @@ pub mod cli;
 pub mod gif_decode;
 mod gif_frames;
 pub mod jpeg_dc;
+pub mod lzw;
 pub mod pipeline;
 mod spec;
 pub mod tiff_lzw;

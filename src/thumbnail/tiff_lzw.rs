@@ -1,115 +1,21 @@
-//! A TIFF LZW strip decoder that writes straight into the image buffer.
+//! TIFF LZW strips decoded straight into the image buffer by [`super::lzw`].
 //!
-//! Every LZW string is the previous string plus one byte, and both already sit side by
-//! side in the output, so a table entry is just (offset, length) into the strip's output
-//! and decoding a code is a short forward copy. Anything unusual (a bad code, a table
-//! overflow without Clear, data that ends early) makes `decode_strips` return `false`
-//! and the caller decodes the image again with the `tiff` crate, which reports the error
-//! exactly as before.
+//! Anything unusual (a layout other than 8-bit chunky strips, a bad code, data that ends
+//! early) makes `decode_strips` return `false` and the caller decodes the image again
+//! with the `tiff` crate, which reports the error exactly as before. Old-style LZW
+//! strips (LSB-first, which the `tiff` crate does not read) are decoded here too.
 
 use std::io::Cursor;
 
 use tiff::decoder::Decoder;
 use tiff::tags::Tag;
 
-const CLEAR: usize = 256;
-const EOI: usize = 257;
-const FIRST: usize = 258;
-const MAX: usize = 4096;
+use super::lzw::{self, Codes};
 
-/// Decode one LZW strip (MSB bit order, TIFF early code-width change) into `out`,
+/// Decode one LZW strip (new- or old-style, see [`Codes::tiff_strip`]) into `out`,
 /// which must be filled exactly; bytes past its end are discarded, as `tiff` does.
 pub fn decode_strip(src: &[u8], out: &mut [u8]) -> bool {
-    let mut offs = [0u32; MAX];
-    let mut lens = [0u16; MAX];
-    let mut next = FIRST;
-    let mut width = 9u32;
-    // Output span of the previous code, if any since the last Clear.
-    let mut prev: Option<(usize, usize)> = None;
-    let (mut bits, mut nbits, mut ip) = (0u64, 0u32, 0usize);
-    let mut p = 0usize;
-    let end = out.len();
-    while p < end {
-        if nbits < width {
-            if ip + 8 <= src.len() {
-                // Branchless refill: the bits below the `nbits` we count are true stream
-                // bits too, so OR-ing the same byte in again later changes nothing.
-                let v = u64::from_be_bytes(src[ip..ip + 8].try_into().expect("8 bytes"));
-                bits |= v >> nbits;
-                let take = (63 - nbits) / 8;
-                ip += take as usize;
-                nbits += take * 8;
-            } else {
-                while nbits <= 56 && ip < src.len() {
-                    bits |= (src[ip] as u64) << (56 - nbits);
-                    ip += 1;
-                    nbits += 8;
-                }
-                if nbits < width {
-                    return false;
-                }
-            }
-        }
-        let code = (bits >> (64 - width)) as usize;
-        bits <<= width;
-        nbits -= width;
-        if code == CLEAR {
-            next = FIRST;
-            width = 9;
-            prev = None;
-            continue;
-        }
-        if code == EOI {
-            return false;
-        }
-        let (off, len) = if code < 256 {
-            (usize::MAX, 1)
-        } else if code < next {
-            (offs[code] as usize, lens[code] as usize)
-        } else if code == next
-            && let Some((pp, pl)) = prev
-        {
-            (pp, pl + 1)
-        } else {
-            return false;
-        };
-        if let Some((pp, pl)) = prev {
-            if next >= MAX {
-                return false;
-            }
-            offs[next] = pp as u32;
-            lens[next] = (pl + 1) as u16;
-            next += 1;
-            if next + 1 >= (1 << width) && width < 12 {
-                width += 1;
-            }
-        }
-        prev = Some((p, len));
-        p += put_string(out, p, code as u8, off, len);
-    }
-    true
-}
-
-/// Write one LZW string at `out[p..]`, cut at the end of `out`: the byte `literal` when
-/// `off` is `usize::MAX`, else a copy of `len` bytes from `out[off..]` (earlier output).
-/// Returns the number of bytes written.
-#[inline(always)]
-pub(crate) fn put_string(out: &mut [u8], p: usize, literal: u8, off: usize, len: usize) -> usize {
-    let end = out.len();
-    let n = len.min(end - p);
-    if off == usize::MAX {
-        out[p] = literal;
-    } else if n <= 8 && p + 8 <= end && off + 8 <= p {
-        let mut v = [0u8; 8];
-        v.copy_from_slice(&out[off..off + 8]);
-        out[p..p + 8].copy_from_slice(&v);
-    } else {
-        // Forward byte copy: also right for the one overlapping case (KwKwK).
-        for i in 0..n {
-            out[p + i] = out[off + i];
-        }
-    }
-    n
+    lzw::decode(src, out, Codes::tiff_strip(src)).is_ok()
 }
 
 /// Decode a stripped, chunky, 8-bit LZW TIFF (predictor none or horizontal) into `buf`
@@ -256,6 +162,22 @@ mod tests {
         // Garbage codes.
         assert!(!decode_strip(&[0xff; 64], &mut [0u8; 1000]));
         assert!(!decode_strip(&[], &mut [0u8; 10]));
+    }
+
+    #[test]
+    fn old_style_strips() {
+        // Old-style LZW is packed as GIF's with 8-bit literals; weezl writes it so.
+        let px = pixels(300, 20);
+        let strip = weezl::encode::Encoder::new(weezl::BitOrder::Lsb, 8)
+            .encode(&px)
+            .unwrap();
+        let mut out = vec![0u8; px.len()];
+        assert!(decode_strip(&strip, &mut out));
+        assert_eq!(out, px);
+        // The same bytes read as new-style are refused or differ.
+        let mut new = vec![0u8; px.len()];
+        let fast = lzw::decode(&strip, &mut new, Codes::TIFF).is_ok();
+        assert!(!fast || new != px);
     }
 
     #[test]
