@@ -14,7 +14,7 @@
 //! Redis is our own server, started by the test on a free port (so that each case
 //! may start from an empty database); the embedded store lives under /dev/shm when
 //! there is one (its fsyncs then cost nothing). Cases: `PROPTEST_CASES` (default
-//! 600), each up to 64 steps.
+//! 1000), each up to 64 steps.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -734,7 +734,7 @@ fn redis_and_embedded_stores_are_one_state_machine() {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(600);
+        .unwrap_or(1000);
     let mut runner = TestRunner::new(Config {
         cases,
         max_shrink_iters: 2_000,
