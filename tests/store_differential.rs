@@ -319,7 +319,15 @@ fn record(r: &JobRecord) -> String {
     serde_json::to_string(r).unwrap()
 }
 
-fn claims(r: &Result<(Vec<Claimed>, Option<Duration>), StoreError>) -> String {
+/// A claim's answer, tokens aside; the leases it handed out go to `leases`.
+fn claims(
+    r: &Result<(Vec<Claimed>, Option<Duration>), StoreError>,
+    q: Queue,
+    leases: &mut Vec<(Queue, String, String)>,
+) -> String {
+    if let Ok((jobs, _)) = r {
+        leases.extend(jobs.iter().map(|c| (q, c.job.id.clone(), c.token.clone())));
+    }
     match r {
         Ok((jobs, due)) => {
             let jobs: Vec<String> = jobs
@@ -380,31 +388,13 @@ impl Pair {
                             &shares,
                         )
                         .await;
-                    if let Ok((jobs, _)) = &r {
-                        for c in jobs {
-                            new_leases[n].push((
-                                Queue::Download,
-                                c.job.id.clone(),
-                                c.token.clone(),
-                            ));
-                        }
-                    }
-                    claims(&r)
+                    claims(&r, Queue::Download, &mut new_leases[n])
                 }
                 Op::ClaimCallbacks { max, lease } => {
                     let r = s
                         .claim_many(Queue::Callback, Duration::from_millis(LEASES[*lease]), *max)
                         .await;
-                    if let Ok((jobs, _)) = &r {
-                        for c in jobs {
-                            new_leases[n].push((
-                                Queue::Callback,
-                                c.job.id.clone(),
-                                c.token.clone(),
-                            ));
-                        }
-                    }
-                    claims(&r)
+                    claims(&r, Queue::Callback, &mut new_leases[n])
                 }
                 Op::Renew { queue, lease, ms } => {
                     let q = if *queue {

@@ -507,10 +507,7 @@ async fn retry_all(
             }
         }
         Target::Listed { aggr, .. } => {
-            let started = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_millis() as u64;
+            let started = crate::store::clock::wall_ms();
             let mut left = limit.unwrap_or(u64::MAX);
             let mut after = None;
             while left > 0 {

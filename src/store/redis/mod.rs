@@ -1,8 +1,11 @@
 //! Redis backend of [`Store`]. Every multi-key step is one Lua script, so each is
 //! atomic across any number of processes sharing the server. Scripts read the clock
-//! with `TIME`, so machines with skewed clocks still agree on lease expiry.
+//! with `TIME` (so machines with skewed clocks still agree on lease expiry), unless
+//! the store was given a manual [`Clock`] (tests), whose reading every call hands in.
+//! Each script is `*.lua` here, after the schema's names (`schema::lua_header`) and
+//! `prelude.lua`.
 //!
-//! Keys are listed in ARCHITECTURE.md. Scripts build key names at run time, so this
+//! Keys are listed in ARCHITECTURE.md and named in `schema::key`. Scripts build key names at run time, so this
 //! backend needs a standalone Redis (not Redis Cluster).
 
 use std::collections::BTreeMap;
